@@ -1,0 +1,47 @@
+"""``score_pairs``: the pipeline's stages as a streaming Python API, no files needed.
+
+Pairs are taken in small groups; each group becomes a content-addressed chunk in the store, so
+images are cached across calls and a repeated group costs no inference. Results come back in order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import count
+from typing import Any
+
+from sim_pipeline.config import Settings, load_settings
+from sim_pipeline.embed import batched
+from sim_pipeline.layout import sha256_hex
+from sim_pipeline.pipeline import run_chunk
+from sim_pipeline.plan import InputRow, normalise_row, write_chunks
+from sim_pipeline.score import ScoredRow
+from sim_pipeline.store import open_store
+
+Pair = tuple[str, str] | Mapping[str, Any]
+
+
+def _as_row(number: int, pair: Pair) -> InputRow:
+    if isinstance(pair, Mapping):
+        url, caption = pair.get("url"), pair.get("caption")
+    else:
+        url, caption = pair
+    url, caption = ("" if url is None else str(url)), ("" if caption is None else str(caption))
+    return normalise_row(number, url, caption, [url, caption])
+
+
+def score_pairs(pairs: Iterable[Pair], settings: Settings | None = None,
+                group_size: int = 256) -> Iterator[ScoredRow]:
+    """Yield one ``ScoredRow`` per (url, caption) pair, in order, with a similarity or an error."""
+    settings = settings or load_settings()
+    store = open_store(settings.store)
+    numbers = count()
+    for group in batched(pairs, group_size):
+        rows = [_as_row(next(numbers), pair) for pair in group]
+        content = json.dumps([[r.row, r.url, r.caption] for r in rows], ensure_ascii=False)
+        run_id = "api-" + sha256_hex(content + settings.model + settings.precision)[:16]
+        (chunk,) = write_chunks(store, run_id, rows, len(rows))
+        scored, _ = run_chunk(chunk, store, settings, results=None)
+        yield from scored
+

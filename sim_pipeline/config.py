@@ -1,0 +1,81 @@
+"""The one place where flags and ``SIM_PIPELINE_*`` environment variables become ``Settings``.
+
+Everything downstream receives a frozen ``Settings``; nothing else reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sim_pipeline.errors import UserError
+
+ENV_PREFIX = "SIM_PIPELINE_"
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of a run. Field names map to ``SIM_PIPELINE_<NAME>`` env vars and ``--name``."""
+
+    model: str = DEFAULT_MODEL
+    store: str = "./.sim-pipeline/store"
+    database_url: str = "sqlite:///./.sim-pipeline/results.db"
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 32
+    chunk_size: int = 10_000
+    fetch_concurrency: int = 32
+    fetch_timeout: float = 20.0
+    max_image_bytes: int = 20 * 1024 * 1024
+    run_id: str | None = None
+    url_column: str | None = None
+    caption_column: str | None = None
+    user_agent: str = "sim-pipeline/0.1 (caption-image similarity scoring)"
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        for name in ("batch_size", "chunk_size", "fetch_concurrency", "max_image_bytes"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{ENV_PREFIX}{name.upper()} must be a positive integer.")
+        if self.fetch_timeout <= 0:
+            raise UserError(f"{ENV_PREFIX}FETCH_TIMEOUT must be a positive number of seconds.")
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(
+            f"{ENV_PREFIX}{name.upper()}={value!r} is not one of {', '.join(choices)}."
+        )
+
+
+def _coerce(name: str, raw: str, kind: type) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise UserError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}.") \
+            from None
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Defaults, then ``SIM_PIPELINE_*`` env vars, then explicit overrides (flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw not in (None, ""):
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            values[f.name] = _coerce(f.name, raw, kind)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return Settings(**values)

@@ -1,0 +1,72 @@
+"""Where each stage's inputs and outputs live in the object store.
+
+All keys are deterministic functions of the run, the chunk and the model, which is what makes every
+stage idempotent: a stage whose output key exists has already done its work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def image_key(url_hash: str) -> str:
+    return f"images/{url_hash[:2]}/{url_hash}"
+
+
+def image_meta_key(url_hash: str) -> str:
+    return f"{image_key(url_hash)}.json"
+
+
+def manifest_key(run_id: str) -> str:
+    return f"runs/{run_id}/manifest.json"
+
+
+def model_tag(model: str, precision: str) -> str:
+    """A short, path-safe name for (model, precision): embeddings differ between the two."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/").split("/")[-1])[:40]
+    return f"{slug}-{sha256_hex(model)[:8]}-{precision}"
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """A small descriptor of one chunk; safe to pass through Airflow XCom."""
+
+    run_id: str
+    index: int
+    first_row: int
+    rows: int
+
+    @property
+    def prefix(self) -> str:
+        return f"runs/{self.run_id}/chunks/{self.index:05d}"
+
+    @property
+    def rows_key(self) -> str:
+        return f"{self.prefix}/rows.jsonl"
+
+    @property
+    def fetch_key(self) -> str:
+        return f"{self.prefix}/fetch.json"
+
+    def image_embeddings_key(self, tag: str) -> str:
+        return f"{self.prefix}/image-embeddings.{tag}"
+
+    def text_embeddings_key(self, tag: str) -> str:
+        return f"{self.prefix}/text-embeddings.{tag}"
+
+    def results_key(self, tag: str) -> str:
+        return f"{self.prefix}/results.{tag}.jsonl"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChunkRef:
+        return cls(**{k: data[k] for k in ("run_id", "index", "first_row", "rows")})

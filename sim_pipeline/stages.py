@@ -1,0 +1,88 @@
+"""Each stage as a call that takes and returns small descriptors (run id, chunk index, counts).
+
+This is the boundary every runner uses: the CLI's ``stage`` command, Kubernetes pods and Airflow
+tasks. Data never crosses it; it stays in the object store and the results database.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sim_pipeline.config import Settings
+from sim_pipeline.embed import embed_images_chunk, embed_texts_chunk
+from sim_pipeline.errors import UserError
+from sim_pipeline.fetch import fetch_chunk
+from sim_pipeline.finalize import default_output_path, write_scored_csv
+from sim_pipeline.layout import ChunkRef
+from sim_pipeline.plan import check_input_file, default_run_id, load_plan, plan_csv
+from sim_pipeline.results_db import ResultsDB
+from sim_pipeline.score import join_score_chunk
+from sim_pipeline.store import open_store
+
+
+def plan(settings: Settings, input_path: str | Path) -> dict[str, Any]:
+    """Split the input into chunks and open the run in the results table."""
+    source = Path(input_path)
+    check_input_file(source)
+    run_id = settings.run_id or default_run_id(source, settings)
+    run = plan_csv(source, open_store(settings.store), settings, run_id)
+    ResultsDB(settings.database_url).start_run(run_id, str(source), settings.model, run.rows)
+    return {"run_id": run_id, "rows": run.rows, "chunks": [c.to_dict() for c in run.chunks]}
+
+
+def chunk_ref(settings: Settings, index: int) -> ChunkRef:
+    if settings.run_id is None:
+        raise UserError("Per-chunk stages need the run id: pass --run-id or SIM_PIPELINE_RUN_ID.")
+    chunks = load_plan(open_store(settings.store), settings.run_id).chunks
+    if not 0 <= index < len(chunks):
+        raise UserError(f"Run {settings.run_id} has {len(chunks)} chunks, none numbered {index}.")
+    return chunks[index]
+
+
+def fetch_images(settings: Settings, index: int) -> dict[str, Any]:
+    return fetch_chunk(chunk_ref(settings, index), open_store(settings.store), settings).to_dict()
+
+
+def embed_images(settings: Settings, index: int) -> dict[str, Any]:
+    stats = embed_images_chunk(chunk_ref(settings, index), open_store(settings.store), settings)
+    return stats.__dict__
+
+
+def embed_texts(settings: Settings, index: int) -> dict[str, Any]:
+    stats = embed_texts_chunk(chunk_ref(settings, index), open_store(settings.store), settings)
+    return stats.__dict__
+
+
+def join_score(settings: Settings, index: int) -> dict[str, Any]:
+    scored = join_score_chunk(chunk_ref(settings, index), open_store(settings.store), settings,
+                              ResultsDB(settings.database_url))
+    return {"rows": len(scored), "ok": sum(1 for s in scored if s.error is None)}
+
+
+def finalize(settings: Settings, output: str | Path | None = None) -> dict[str, Any]:
+    """Write the scored CSV and close the run as succeeded."""
+    if settings.run_id is None:
+        raise UserError("finalize needs the run id: pass --run-id or SIM_PIPELINE_RUN_ID.")
+    run = load_plan(open_store(settings.store), settings.run_id)
+    path = write_scored_csv(run, open_store(settings.store), settings,
+                            output or default_output_path(run.source))
+    ResultsDB(settings.database_url).finish_run(settings.run_id, "succeeded")
+    return {"run_id": settings.run_id, "output": str(path), "rows": run.rows}
+
+
+PER_CHUNK = {"fetch-images": fetch_images, "embed-images": embed_images,
+             "embed-texts": embed_texts, "join-score": join_score}
+
+
+def run_stage(name: str, settings: Settings, input_path: str | None = None,
+              chunk: int | None = None, output: str | None = None) -> dict[str, Any]:
+    if name == "plan":
+        if not input_path:
+            raise UserError("The plan stage needs --input PATH.")
+        return plan(settings, input_path)
+    if name == "finalize":
+        return finalize(settings, output)
+    if chunk is None:
+        raise UserError(f"The {name} stage needs --chunk INDEX.")
+    return PER_CHUNK[name](settings, chunk)

@@ -1,0 +1,131 @@
+"""Real parts for the tests: a tiny CLIP checkpoint, an image server on loopback, PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from PIL import Image
+
+from sim_pipeline.config import Settings
+from sim_pipeline.random_model import build_random_clip
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+def make_image(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (96, 64),
+               mode: str = "RGB") -> bytes:
+    """Deterministic, distinct-looking pixels so different images get different embeddings."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize(size, Image.NEAREST).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@dataclass
+class Route:
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "image/jpeg"
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ImageServer:
+    """A real HTTP server on 127.0.0.1 that serves registered routes and counts requests."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.requests: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                with server._lock:
+                    server.requests[self.path] += 1
+                route = server.routes.get(self.path, Route(404, b"not found", "text/plain"))
+                if route.delay:
+                    time.sleep(route.delay)
+                try:
+                    self.send_response(route.status)
+                    self.send_header("Content-Type", route.content_type)
+                    self.send_header("Content-Length", str(len(route.body)))
+                    for name, value in route.headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(route.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def add(self, path: str, route: Route) -> str:
+        self.routes[path] = route
+        return self.url(path)
+
+    def total_requests(self) -> int:
+        with self._lock:
+            return sum(self.requests.values())
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    server.thread.start()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight CLIP (meaningless scores) with the real CLIP tokenizer."""
+    return build_random_clip(tmp_path_factory.mktemp("tiny-clip"), shape="tiny")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A throwaway database on the local PostgreSQL, dropped after the session."""
+    name = f"sim_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as error:
+        pytest.fail(f"PostgreSQL must run on 127.0.0.1:5432 for these tests: {error}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    from sim_pipeline.results_db import _engine
+
+    _engine.cache_clear()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model: Path) -> Settings:
+    return Settings(model=str(tiny_model), store=str(tmp_path / "store"),
+                    database_url=f"sqlite:///{tmp_path / 'results.db'}", device="cpu",
+                    batch_size=8, fetch_timeout=1.5, fetch_concurrency=8)
