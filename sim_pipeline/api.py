@@ -40,8 +40,8 @@ def score_pairs(pairs: Iterable[Pair], settings: Settings | None = None,
     for group in batched(pairs, group_size):
         rows = [_as_row(next(numbers), pair) for pair in group]
         content = json.dumps([[r.row, r.url, r.caption] for r in rows], ensure_ascii=False)
-        run_id = "api-" + sha256_hex(content + settings.model + settings.precision)[:16]
-        (chunk,) = write_chunks(store, run_id, rows, len(rows))
+        digest = sha256_hex(content)[:16]
+        (chunk,) = write_chunks(store, "api", digest, rows, len(rows))
         scored, _ = run_chunk(chunk, store, settings, results=None)
         yield from scored
 

@@ -24,8 +24,18 @@ def image_meta_key(url_hash: str) -> str:
     return f"{image_key(url_hash)}.json"
 
 
-def manifest_key(run_id: str) -> str:
-    return f"runs/{run_id}/manifest.json"
+def plan_prefix(run_id: str, input_digest: str) -> str:
+    """A run's plan lives under its input's digest: a changed input never meets stale chunks."""
+    return f"runs/{run_id}/{input_digest}"
+
+
+def manifest_key(run_id: str, input_digest: str) -> str:
+    return f"{plan_prefix(run_id, input_digest)}/manifest.json"
+
+
+def current_plan_key(run_id: str) -> str:
+    """Points at the run's newest plan, for runners that know only the run id."""
+    return f"runs/{run_id}/current.json"
 
 
 def model_tag(model: str, precision: str) -> str:
@@ -39,13 +49,14 @@ class ChunkRef:
     """A small descriptor of one chunk; safe to pass through Airflow XCom."""
 
     run_id: str
+    input_digest: str
     index: int
     first_row: int
     rows: int
 
     @property
     def prefix(self) -> str:
-        return f"runs/{self.run_id}/chunks/{self.index:05d}"
+        return f"{plan_prefix(self.run_id, self.input_digest)}/chunks/{self.index:05d}"
 
     @property
     def rows_key(self) -> str:
@@ -69,4 +80,4 @@ class ChunkRef:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChunkRef:
-        return cls(**{k: data[k] for k in ("run_id", "index", "first_row", "rows")})
+        return cls(**{k: data[k] for k in ("run_id", "input_digest", "index", "first_row", "rows")})

@@ -79,7 +79,6 @@ def load_encoder(model_name: str, device: str = "auto", precision: str = "auto")
     """Load ``model_name`` (hub id or local folder) once per process."""
     import torch
     from transformers import CLIPModel, CLIPProcessor
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from sim_pipeline import errors
 from sim_pipeline.config import Settings
 from sim_pipeline.errors import UserError
-from sim_pipeline.layout import ChunkRef, manifest_key, sha256_hex
+from sim_pipeline.layout import ChunkRef, current_plan_key, manifest_key, sha256_hex
 from sim_pipeline.store import ObjectStore, read_json, write_json
 
 URL_COLUMNS = ("url", "image_url", "image", "img_url", "link")
@@ -52,6 +52,7 @@ class RunPlan:
     """What plan produced: the run's columns and its chunk descriptors."""
 
     run_id: str
+    input_digest: str
     source: str
     columns: list[str]
     url_column: str
@@ -126,6 +127,12 @@ def file_digest(path: Path, *extra: str) -> str:
     return digest.hexdigest()
 
 
+def input_digest(path: Path, settings: Settings) -> str:
+    """Identifies a plan: the file's bytes and the settings that shape its chunks."""
+    return file_digest(path, str(settings.chunk_size), settings.url_column or "",
+                       settings.caption_column or "")[:16]
+
+
 def default_run_id(path: Path, settings: Settings) -> str:
     """Content-addressed: the same file with the same settings resumes the same run."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", path.stem).strip("-")[:40] or "input"
@@ -185,7 +192,7 @@ def normalise_csv_rows(header: list[str], url_index: int, caption_index: int,
         yield row
 
 
-def write_chunks(store: ObjectStore, run_id: str, rows: Iterable[InputRow],
+def write_chunks(store: ObjectStore, run_id: str, digest: str, rows: Iterable[InputRow],
                  chunk_size: int) -> list[ChunkRef]:
     """Write rows in chunks of ``chunk_size``, holding one chunk in memory at a time."""
     chunks: list[ChunkRef] = []
@@ -193,7 +200,7 @@ def write_chunks(store: ObjectStore, run_id: str, rows: Iterable[InputRow],
     first_row = 0
 
     def flush() -> None:
-        ref = ChunkRef(run_id, len(chunks), first_row, len(buffer))
+        ref = ChunkRef(run_id, digest, len(chunks), first_row, len(buffer))
         store.write_bytes(ref.rows_key, ("\n".join(buffer) + "\n").encode("utf-8"))
         chunks.append(ref)
 
@@ -210,21 +217,29 @@ def write_chunks(store: ObjectStore, run_id: str, rows: Iterable[InputRow],
 
 
 def plan_csv(path: str | Path, store: ObjectStore, settings: Settings, run_id: str) -> RunPlan:
-    """Plan a run from a CSV file; a run already planned is returned as it was (idempotent)."""
+    """Plan a run from a CSV file; the same input planned before is reused as it was."""
     path = Path(path)
-    if store.exists(manifest_key(run_id)):
-        return load_plan(store, run_id)
-    header, url_index, caption_index, rows = read_rows(path, settings)
-    chunks = write_chunks(store, run_id, normalise_csv_rows(header, url_index, caption_index, rows),
-                          settings.chunk_size)
-    plan = RunPlan(run_id, str(path), header, header[url_index], header[caption_index],
-                   delimiter_for(path), sum(c.rows for c in chunks), chunks)
-    write_json(store, manifest_key(run_id), plan.to_dict())
-    return plan
+    check_input_file(path)
+    digest = input_digest(path, settings)
+    if not store.exists(manifest_key(run_id, digest)):
+        header, url_index, caption_index, rows = read_rows(path, settings)
+        normalised = normalise_csv_rows(header, url_index, caption_index, rows)
+        chunks = write_chunks(store, run_id, digest, normalised, settings.chunk_size)
+        plan = RunPlan(run_id, digest, str(path), header, header[url_index],
+                       header[caption_index], delimiter_for(path),
+                       sum(c.rows for c in chunks), chunks)
+        write_json(store, manifest_key(run_id, digest), plan.to_dict())
+    write_json(store, current_plan_key(run_id), {"input_digest": digest})
+    return load_plan(store, run_id, digest)
 
 
-def load_plan(store: ObjectStore, run_id: str) -> RunPlan:
-    return RunPlan.from_dict(read_json(store, manifest_key(run_id)))
+def load_plan(store: ObjectStore, run_id: str, digest: str | None = None) -> RunPlan:
+    """The run's plan; its newest one unless a digest is given."""
+    if digest is None:
+        if not store.exists(current_plan_key(run_id)):
+            raise UserError(f"Run {run_id} has not been planned in this store.")
+        digest = read_json(store, current_plan_key(run_id))["input_digest"]
+    return RunPlan.from_dict(read_json(store, manifest_key(run_id, digest)))
 
 
 def read_chunk_rows(store: ObjectStore, chunk: ChunkRef) -> list[InputRow]:

@@ -72,7 +72,6 @@ def build_random_clip(dest: str | Path, shape: str = "tiny", seed: int = 0) -> P
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -110,7 +110,11 @@ class ResultsDB:
         self.engine = _engine(self.url)
 
     def start_run(self, run_id: str, source: str, model: str, rows_total: int) -> None:
+        """Open (or reopen) a run; rows past the end of a re-planned, shorter input go away."""
         with self.engine.begin() as conn:
+            conn.execute(similarity_scores.delete().where(
+                similarity_scores.c.run_id == run_id,
+                similarity_scores.c.row_number >= rows_total))
             _upsert(conn, scoring_runs, [{
                 "run_id": run_id, "source": source, "model": model, "started_at": _now(),
                 "finished_at": None, "status": "running", "rows_total": rows_total,
