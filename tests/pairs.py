@@ -24,7 +24,8 @@ def serve_good_images(server: ImageServer, count: int, prefix: str = "good") -> 
     for i in range(count):
         fmt, content_type, suffix = GOOD_FORMATS[i % len(GOOD_FORMATS)]
         body = make_image(seed=1000 + i, fmt=fmt)
-        urls.append(server.add(f"/{prefix}/{i}{suffix}", Route(body=body, content_type=content_type)))
+        route = Route(body=body, content_type=content_type)
+        urls.append(server.add(f"/{prefix}/{i}{suffix}", route))
     return urls
 
 
