@@ -17,6 +17,8 @@ ENV_PREFIX = "SIM_PIPELINE_"
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("torch", "onnx", "onnx-int8")
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Settings:
     database_url: str = "sqlite:///./.sim-pipeline/results.db"
     device: str = "auto"
     precision: str = "auto"
+    backend: str = "torch"
     batch_size: int = 32
     chunk_size: int = 10_000
     fetch_concurrency: int = 32
@@ -37,15 +40,32 @@ class Settings:
     url_column: str | None = None
     caption_column: str | None = None
     user_agent: str = "sim-pipeline/0.1 (caption-image similarity scoring)"
+    fetch_per_host: int = 8
+    fetch_retries: int = 3
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_hosts: str = ""
+    refetch_errors: bool = False
+    fetch_processes: int = 0  # 0: one per CPU core, used when a chunk has enough URLs
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
-        for name in ("batch_size", "chunk_size", "fetch_concurrency", "max_image_bytes"):
+        _check_choice("backend", self.backend, BACKENDS)
+        for name in ("batch_size", "chunk_size", "fetch_concurrency", "max_image_bytes",
+                     "fetch_per_host", "max_pixels"):
             if getattr(self, name) < 1:
                 raise UserError(f"{ENV_PREFIX}{name.upper()} must be a positive integer.")
         if self.fetch_timeout <= 0:
             raise UserError(f"{ENV_PREFIX}FETCH_TIMEOUT must be a positive number of seconds.")
+        for name in ("fetch_retries", "fetch_processes"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{ENV_PREFIX}{name.upper()} must be zero or a positive integer.")
+        _check_allow_hosts(self.allow_hosts)
+
+    @property
+    def variant(self) -> str:
+        """What, besides the model, decides the embeddings: the precision or the ONNX backend."""
+        return self.precision if self.backend == "torch" else self.backend
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -58,11 +78,32 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         )
 
 
-def _coerce(name: str, raw: str, kind: type) -> Any:
+def _check_allow_hosts(text: str) -> None:
+    if not text.strip():
+        return
+    from sim_pipeline.netguard import parse_allowlist  # httpx: only when a run needs it
+
+    try:
+        parse_allowlist(text)
+    except ValueError as error:
+        raise UserError(f"{ENV_PREFIX}ALLOW_HOSTS: {error}; use host[:port],host[:port].") \
+            from None
+
+
+def _parse_bool(raw: str) -> bool:
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _coerce(name: str, raw: str, kind: Any) -> Any:
     try:
         return kind(raw)
     except ValueError:
-        raise UserError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}.") \
+        kind_name = "boolean (true/false)" if kind is _parse_bool else kind.__name__
+        raise UserError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind_name}.") \
             from None
 
 
@@ -75,7 +116,7 @@ def load_settings(
     for f in dataclasses.fields(Settings):
         raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw not in (None, ""):
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(f.type), str)
             values[f.name] = _coerce(f.name, raw, kind)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return Settings(**values)

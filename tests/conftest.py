@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
 import uuid
@@ -43,6 +44,13 @@ class Route:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class ImageServer:
     """A real HTTP server on 127.0.0.1 that serves registered routes and counts requests."""
 
@@ -76,7 +84,13 @@ class ImageServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
+        self.closed_port = _closed_port()
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def allow_hosts(self) -> str:
+        """The allowlist that lets the fetcher reach this server and the closed port, no more."""
+        return f"127.0.0.1:{self.port},127.0.0.1:{self.closed_port}"
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -125,7 +139,8 @@ def pg_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, tiny_model: Path) -> Settings:
+def settings(tmp_path: Path, tiny_model: Path, image_server: ImageServer) -> Settings:
     return Settings(model=str(tiny_model), store=str(tmp_path / "store"),
                     database_url=f"sqlite:///{tmp_path / 'results.db'}", device="cpu",
-                    batch_size=8, fetch_timeout=1.5, fetch_concurrency=8)
+                    precision="fp32", batch_size=8, fetch_timeout=3.0, fetch_concurrency=8,
+                    allow_hosts=image_server.allow_hosts)

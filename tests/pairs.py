@@ -43,8 +43,10 @@ def mixed_cases(server: ImageServer, prefix: str = "mix") -> list[Case]:
         "truncated": (server.add(f"/{prefix}/truncated.jpg", Route(body=truncated)),
                       "decode_error"),
         "slow": (server.add(f"/{prefix}/slow.jpg",
-                            Route(body=make_image(seed=8), delay=4.0)), "timeout"),
-        "refused": ("http://127.0.0.1:9/nothing-listens-here.jpg", "connection_error"),
+                            Route(body=make_image(seed=8), delay=8.0)), "timeout"),
+        "refused": (f"http://127.0.0.1:{server.closed_port}/nothing-listens.jpg",
+                    "connection_error"),
+        "blocked": ("http://127.0.0.1:9/loopback-not-allowed.jpg", "blocked_address"),
     }
     cases = [Case(url, f"a photo number {i} of something colourful", None)
              for i, url in enumerate(good)]

@@ -1,0 +1,75 @@
+"""Shared pieces for the benchmarks: synthetic images, a local image server, RSS, the model."""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+BENCH_DIR = Path(os.environ.get("SIM_BENCH_DIR", "/tmp/sim-pipeline-bench"))
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (640, 480), quality: int = 90) -> bytes:
+    """A photo-like JPEG: smooth gradients plus noise, ~50 KB at 640x480."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * rng.uniform(0.1, 0.5) + y * rng.uniform(0.1, 0.5) + c * 60) % 256
+                     for c in range(3)], axis=-1)
+    noise = rng.normal(0, 12, size=(h, w, 3))
+    pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -> list[str]:
+    """``count`` distinct JPEGs in ``folder`` (kept between runs); returns their file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(count):
+        name = f"{i:06d}.jpg"
+        if not (folder / name).exists():
+            (folder / name).write_bytes(jpeg_bytes(i, size))
+        names.append(name)
+    return names
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve_folder(folder: Path) -> tuple[ThreadingHTTPServer, str]:
+    """Serve ``folder`` on 127.0.0.1 (a free port) from a background thread."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident memory (ru_maxrss) of this process, or of its largest waited-for child."""
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def vit_b32_checkpoint() -> Path:
+    """Random weights of the real ViT-B/32 shape: speed does not depend on weight values.
+
+    ``SIM_BENCH_MODEL_SHAPE=tiny`` swaps in a tiny model, for smoke-testing the scripts.
+    """
+    from sim_pipeline.random_model import build_random_clip
+
+    shape = os.environ.get("SIM_BENCH_MODEL_SHAPE", "vit-b-32")
+    path = BENCH_DIR / f"clip-{shape}-random"
+    if not (path / "config.json").exists():
+        build_random_clip(path, shape=shape)
+    return path
