@@ -61,30 +61,33 @@ def score_rows(rows: list[InputRow], images: EmbeddingSet, texts: EmbeddingSet) 
 def join_score_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings,
                      results: ResultsDB | None = None) -> list[ScoredRow]:
     """Score the chunk (reusing stored results) and upsert it into the results table."""
-    tag = model_tag(settings.model, settings.precision)
+    tag = model_tag(settings.model, settings.variant)
     key = chunk.results_key(tag)
+    rows = read_chunk_rows(store, chunk)
     if store.exists(key):
         scored = read_results(store, chunk, settings)
     else:
-        rows = read_chunk_rows(store, chunk)
         images = load_embedding_set(store, chunk.image_embeddings_key(tag))
         texts = load_embedding_set(store, chunk.text_embeddings_key(tag))
         scored = list(score_rows(rows, images, texts))
         store.write_bytes(key, "".join(s.to_json() + "\n" for s in scored).encode("utf-8"))
     if results is not None:
-        results.upsert_scores(table_row(s, chunk.run_id, settings.model) for s in scored)
+        results.upsert_scores(table_row(s, chunk.run_id, settings.model, row.fields)
+                              for s, row in zip(scored, rows, strict=True))
     return scored
 
 
 def read_results(store: ObjectStore, chunk: ChunkRef, settings: Settings) -> list[ScoredRow]:
-    key = chunk.results_key(model_tag(settings.model, settings.precision))
+    key = chunk.results_key(model_tag(settings.model, settings.variant))
     return [ScoredRow.from_json(line) for line in store.read_bytes(key).decode().splitlines()]
 
 
-def table_row(scored: ScoredRow, run_id: str, model: str) -> dict[str, object]:
+def table_row(scored: ScoredRow, run_id: str, model: str,
+              input_fields: list[str] | None = None) -> dict[str, object]:
     return {
         "run_id": run_id, "row_number": scored.row, "image_url": scored.url,
         "url_hash": scored.url_hash, "caption": scored.caption,
         "caption_hash": caption_hash(scored.caption), "model": model,
         "similarity": scored.similarity, "cosine": scored.cosine, "error": scored.error,
+        "input_fields": input_fields,
     }

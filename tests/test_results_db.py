@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from sim_pipeline.config import Settings
-from sim_pipeline.results_db import ResultsDB, apply_schema, masked
+from sim_pipeline.results_db import ResultsDB, apply_schema, masked, schema_files
 from tests.conftest import ImageServer
 from tests.pairs import Case, mixed_cases, serve_good_images, write_cases
 from tests.test_score_cli import score
@@ -54,7 +54,7 @@ def test_schema_is_applied_once(database_url: str) -> None:
     ResultsDB(database_url)  # applies on first use
     assert apply_schema(engine) == []
     names = [r[0] for r in query(database_url, "SELECT name FROM schema_migrations")]
-    assert names == ["001_results.sql"]
+    assert names == [p.name for p in schema_files(engine.dialect.name)]
     engine.dispose()
 
 
