@@ -16,18 +16,26 @@ from sim_pipeline.fetch import fetch_chunk
 from sim_pipeline.finalize import default_output_path, write_scored_csv
 from sim_pipeline.layout import ChunkRef
 from sim_pipeline.plan import check_input_file, default_run_id, load_plan, plan_csv
-from sim_pipeline.results_db import ResultsDB
+from sim_pipeline.report import write_report
+from sim_pipeline.results_db import ResultsDB, timed_stage
 from sim_pipeline.score import join_score_chunk
 from sim_pipeline.store import open_store
 
 
-def plan(settings: Settings, input_path: str | Path) -> dict[str, Any]:
-    """Split the input into chunks and open the run in the results table."""
-    source = Path(input_path)
-    check_input_file(source)
-    run_id = settings.run_id or default_run_id(source, settings)
-    run = plan_csv(source, open_store(settings.store), settings, run_id)
-    ResultsDB(settings.database_url).start_run(run_id, str(source), settings.model, run.rows)
+@timed_stage("plan")
+def plan(settings: Settings, input_path: str | Path, source: str | None = None
+         ) -> dict[str, Any]:
+    """Split the input into chunks and open the run in the results table.
+
+    ``source`` is what the run records as its input when ``input_path`` is a local copy of it
+    (an s3:// object downloaded for planning, say).
+    """
+    path = Path(input_path)
+    check_input_file(path)
+    run_id = settings.run_id or default_run_id(path, settings)
+    run = plan_csv(path, open_store(settings.store), settings, run_id)
+    ResultsDB(settings.database_url).start_run(run_id, source or str(path), settings.model,
+                                               run.rows, run.columns, run.delimiter)
     return {"run_id": run_id, "rows": run.rows, "chunks": [c.to_dict() for c in run.chunks]}
 
 
@@ -40,35 +48,47 @@ def chunk_ref(settings: Settings, index: int) -> ChunkRef:
     return chunks[index]
 
 
+@timed_stage("fetch-images", per_chunk=True)
 def fetch_images(settings: Settings, index: int) -> dict[str, Any]:
     return fetch_chunk(chunk_ref(settings, index), open_store(settings.store), settings).to_dict()
 
 
+@timed_stage("embed-images", per_chunk=True)
 def embed_images(settings: Settings, index: int) -> dict[str, Any]:
     stats = embed_images_chunk(chunk_ref(settings, index), open_store(settings.store), settings)
     return stats.__dict__
 
 
+@timed_stage("embed-texts", per_chunk=True)
 def embed_texts(settings: Settings, index: int) -> dict[str, Any]:
     stats = embed_texts_chunk(chunk_ref(settings, index), open_store(settings.store), settings)
     return stats.__dict__
 
 
+@timed_stage("join-score", per_chunk=True)
 def join_score(settings: Settings, index: int) -> dict[str, Any]:
     scored = join_score_chunk(chunk_ref(settings, index), open_store(settings.store), settings,
                               ResultsDB(settings.database_url))
     return {"rows": len(scored), "ok": sum(1 for s in scored if s.error is None)}
 
 
+@timed_stage("finalize")
 def finalize(settings: Settings, output: str | Path | None = None) -> dict[str, Any]:
-    """Write the scored CSV and close the run as succeeded."""
+    """Write the scored CSV, close the run as succeeded, and write its report beside the CSV."""
     if settings.run_id is None:
         raise UserError("finalize needs the run id: pass --run-id or SIM_PIPELINE_RUN_ID.")
     run = load_plan(open_store(settings.store), settings.run_id)
     path = write_scored_csv(run, open_store(settings.store), settings,
                             output or default_output_path(run.source))
     ResultsDB(settings.database_url).finish_run(settings.run_id, "succeeded")
-    return {"run_id": settings.run_id, "output": str(path), "rows": run.rows}
+    report = write_report(settings.run_id, settings, report_path(path))
+    return {"run_id": settings.run_id, "output": str(path), "report": str(report),
+            "rows": run.rows}
+
+
+def report_path(scored_csv: Path) -> Path:
+    """``pairs_scored.csv`` -> ``pairs_scored_report.html``, beside it."""
+    return scored_csv.with_name(f"{scored_csv.stem}_report.html")
 
 
 PER_CHUNK = {"fetch-images": fetch_images, "embed-images": embed_images,

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Run Airflow on this machine with the similarity_scoring DAG, to trigger it from the UI.
+
+    make airflow                      # or: .venv/bin/python bin/airflow_local.py [--port 8080]
+
+Starts the api-server (UI, REST API and the execution API tasks report to), the scheduler
+(LocalExecutor) and the dag-processor, all on 127.0.0.1, with a SQLite metadata database in its
+own AIRFLOW_HOME (--home, default .sim-pipeline/airflow). It creates the pools the DAG needs,
+waits until the UI answers, prints where to go, and keeps running until Ctrl-C or SIGTERM; it then
+stops the scheduler first, so no new task starts, and then everything else it started.
+
+There is no login: every visitor is an admin, which is why everything binds to 127.0.0.1 only.
+SIM_PIPELINE_STORE and SIM_PIPELINE_DATABASE_URL default to .sim-pipeline/ in this checkout; set
+them (or the sim_pipeline_store / sim_pipeline_results connections) to use S3 or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from types import FrameType
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+AIRFLOW = str(BIN / "airflow")
+STOP_ORDER = (("scheduler",), ("dag-processor", "api-server"))
+sys.path.insert(0, str(REPO / "plugins"))
+
+
+def pools_file(home: Path, gpu_slots: int | None) -> Path:
+    """The DAG's pools (plugins/sim_airflow/pools.py), in ``airflow pools import`` form."""
+    from sim_airflow.pools import GPU_POOL, POOLS  # no Airflow import: it would read its config
+
+    slots = {name: size for name, (size, _) in POOLS.items()}
+    if gpu_slots is not None:
+        slots[GPU_POOL] = gpu_slots
+    path = home / "pools.json"
+    path.write_text(json.dumps({name: {"slots": slots[name], "description": text}
+                                for name, (_, text) in POOLS.items()}, indent=2))
+    return path
+
+
+def airflow_environ(home: Path, port: int, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of every component: this repo's DAG and plugins, local-only settings."""
+    env = dict(base)
+    env["AIRFLOW_HOME"] = str(home)  # and its own metadata DB, whatever the shell says
+    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{home / 'airflow.db'}"
+    defaults = {
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "SIM_PIPELINE_STORE": str(REPO / ".sim-pipeline" / "store"),
+        "SIM_PIPELINE_DATABASE_URL": f"sqlite:///{REPO / '.sim-pipeline' / 'results.db'}",
+    }
+    for key, value in defaults.items():
+        env.setdefault(key, value)
+    return env
+
+
+def prepare(home: Path, env: Mapping[str, str], gpu_slots: int | None) -> None:
+    """Metadata database and pools; both are idempotent, so a restart keeps earlier runs."""
+    home.mkdir(parents=True, exist_ok=True)
+    for args in (["db", "migrate"], ["pools", "import", str(pools_file(home, gpu_slots))]):
+        subprocess.run([AIRFLOW, *args], env=dict(env), check=True, stdout=subprocess.DEVNULL)
+
+
+def start(home: Path, port: int, env: Mapping[str, str]) -> dict[str, subprocess.Popen[bytes]]:
+    """Each component in its own session (process group), its output in AIRFLOW_HOME/logs."""
+    commands = {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(port)],
+                "scheduler": ["scheduler"], "dag-processor": ["dag-processor"]}
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    processes = {}
+    for name, args in commands.items():
+        with (home / "logs" / f"{name}.log").open("ab") as log:
+            processes[name] = subprocess.Popen(
+                [AIRFLOW, *args], env=dict(env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+    (home / "pids.json").write_text(json.dumps({n: p.pid for n, p in processes.items()}))
+    return processes
+
+
+def wait_for_api(port: int, processes: Mapping[str, subprocess.Popen[bytes]],
+                 timeout: float = 120) -> None:
+    url = f"http://127.0.0.1:{port}/api/v2/monitor/health"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in processes.values()):
+            raise RuntimeError("an Airflow component exited while starting; see its log")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise RuntimeError(f"the api-server did not answer on port {port} in {timeout:.0f} s")
+
+
+def stop(processes: Mapping[str, subprocess.Popen[bytes]], grace: float = 30) -> None:
+    """The scheduler first, so no new task starts; then the dag-processor and the api-server."""
+    for names in STOP_ORDER:
+        group = {n: processes[n] for n in names if n in processes}
+        started = time.monotonic()
+        for process in group.values():
+            process.send_signal(signal.SIGTERM)
+        for name, process in group.items():
+            try:
+                process.wait(timeout=max(0.0, grace - (time.monotonic() - started)))
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop in {grace:.0f} s; killing it", file=sys.stderr)
+            _signal_group(process.pid, signal.SIGKILL)  # anything it left in its process group
+            process.wait()
+        print(f"stopped {', '.join(group)} in {time.monotonic() - started:.1f} s", flush=True)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--gpu-slots", type=int, metavar="N",
+                        help="embedding tasks at once (the gpu pool's size; default 1)")
+    # Not $AIRFLOW_HOME: a launcher for trials must not migrate or add pools to another Airflow.
+    parser.add_argument("--home", type=Path, default=REPO / ".sim-pipeline" / "airflow",
+                        help="AIRFLOW_HOME of this Airflow (default .sim-pipeline/airflow)")
+    args = parser.parse_args(argv)
+    home = args.home.resolve()
+    env = airflow_environ(home, args.port, os.environ)
+    prepare(home, env, args.gpu_slots)
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    processes = start(home, args.port, env)
+    try:
+        wait_for_api(args.port, processes)
+        print(f"Airflow is up: http://127.0.0.1:{args.port}/dags/similarity_scoring "
+              f"(logs in {home / 'logs'}); Ctrl-C stops it.", flush=True)
+        while not stopping:
+            exited = [n for n, p in processes.items() if p.poll() is not None]
+            if exited:
+                print(f"{', '.join(exited)} exited; stopping the rest", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        stop(processes)
+        print("Airflow stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

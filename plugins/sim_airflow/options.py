@@ -1,0 +1,85 @@
+"""The DAG's Airflow-side knobs, its trigger form, pools and retry policy.
+
+Each knob is ``SIM_PIPELINE_<NAME>`` from the environment, else the Airflow Variable of that very
+name, else a default: env vars suit deployments, Variables suit changing a running Airflow from the
+UI. The DAG file imports this module at parse time, so it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import Param, Variable
+
+from sim_airflow.pools import FETCH_POOL, GPU_POOL
+
+DEFAULT_SCHEDULE = "0 2 * * *"
+DEFAULT_NIGHTLY_INPUT = "{store}/incoming/{{{{ ds }}}}.csv"
+EXECUTIONS = ("local", "kubernetes")
+
+# Every task reads or writes the store and the results database, so every task may retry; waits
+# grow 30 s, 60 s, 120 s ... up to 10 min so a flaky endpoint gets time to recover.
+RETRIES: dict[str, Any] = {
+    "retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": 2.0,
+    "max_retry_delay": timedelta(minutes=10)}
+FETCH: dict[str, Any] = {"retries": 4, "pool": FETCH_POOL}
+INFERENCE: dict[str, Any] = {"pool": GPU_POOL}
+
+
+def option(name: str, default: str | None = None) -> str | None:
+    """``SIM_PIPELINE_<NAME>`` from the environment, else that Airflow Variable, else default."""
+    key = f"SIM_PIPELINE_{name}"
+    return os.environ.get(key) or Variable.get(key, default=None) or default
+
+
+def schedule() -> str | None:
+    """The nightly cron (``SIM_PIPELINE_SCHEDULE``); ``none`` leaves the DAG to manual runs."""
+    value = option("SCHEDULE", DEFAULT_SCHEDULE)
+    return None if value is None or value.strip().lower() == "none" else value.strip()
+
+
+def execution() -> str:
+    """``local`` runs the GPU stages in-process; ``kubernetes`` runs them as pods."""
+    value = (option("EXECUTION", "local") or "local").strip().lower()
+    if value not in EXECUTIONS:
+        raise ValueError(f"SIM_PIPELINE_EXECUTION={value!r} is not one of {', '.join(EXECUTIONS)}.")
+    return value
+
+
+def nightly_input(store: str) -> str:
+    """The input path template of runs without ``csv_path``, rendered with the run's context."""
+    return option("NIGHTLY_INPUT") or DEFAULT_NIGHTLY_INPUT.format(store=store.rstrip("/"))
+
+
+def store_conn_id() -> str:
+    return option("STORE_CONN_ID", "sim_pipeline_store") or "sim_pipeline_store"
+
+
+def results_conn_id() -> str:
+    return option("RESULTS_CONN_ID", "sim_pipeline_results") or "sim_pipeline_results"
+
+
+def params() -> dict[str, Param]:
+    """The trigger form; fresh Param objects per DAG, since resolving a run's conf mutates them."""
+    return {
+        "csv_path": Param(
+            None, type=["null", "string"], title="Input CSV",
+            description="Local path or s3:// URI of a CSV with an image URL and a caption column. "
+            "Leave empty to read the nightly input for the run's logical date "
+            "(SIM_PIPELINE_NIGHTLY_INPUT, default <store>/incoming/{{ ds }}.csv)."),
+        "output_path": Param(
+            None, type=["null", "string"], title="Scored CSV",
+            description="Where to write the scored CSV, a local path or s3:// URI. "
+            "Leave empty for <input>_scored.csv beside the input."),
+        "chunk_size": Param(
+            None, type=["null", "integer"], minimum=1, title="Rows per chunk",
+            description="Rows per chunk; each chunk is one mapped task per stage. Leave empty for "
+            "SIM_PIPELINE_CHUNK_SIZE (default 10000). Grown automatically, and logged, when the "
+            "input would otherwise need more chunks than [core] max_map_length."),
+        "model": Param(
+            None, type=["null", "string"], title="CLIP model",
+            description="Hugging Face model id or a folder saved with save_pretrained. Leave empty "
+            "for SIM_PIPELINE_MODEL (default openai/clip-vit-base-patch32)."),
+    }

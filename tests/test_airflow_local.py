@@ -1,0 +1,207 @@
+"""`make airflow` for real: the launcher's Airflow runs the DAG through its scheduler.
+
+One launcher (bin/airflow_local.py) serves the whole module: a run triggered over the REST API
+completes; clearing join_score re-runs it without changing a row; a two-day backfill through the
+`airflow backfill create` CLI scores each day's file once, and clearing a day re-runs it under the
+same run id, replacing its rows; the nightly run of a day without a file skips; SIGTERM then stops
+every process it started, the scheduler first. The manual run and the backfill share the
+scheduler, as they would in production. Store on disk, results in PostgreSQL through
+SIM_PIPELINE_DATABASE_URL: the env-var fallback, where test_airflow_dag.py uses connections.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.airflow_helpers import (
+    PYTHON,
+    REPO,
+    AirflowApi,
+    airflow_env,
+    free_port,
+    run_airflow,
+    run_status,
+    runs_of_source,
+    score_rows,
+    without,
+    write_pairs,
+)
+from tests.conftest import ImageServer
+from tests.pairs import serve_good_images
+
+DAYS = {"2024-03-01": 3, "2024-03-02": 4}  # nightly input files and their row counts
+
+
+@dataclass
+class Live:
+    launcher: subprocess.Popen[bytes]
+    api: AirflowApi
+    env: dict[str, str]
+    home: Path
+    store: Path
+    output: Path
+    urls: list[str]
+    manual_run: str = ""
+
+
+def wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes],
+                  timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        assert process.poll() is None, f"launcher exited:\n{path.read_text()}"
+        time.sleep(0.3)
+    raise AssertionError(f"no {text!r} from the launcher in {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, pg_url: str,
+         image_server: ImageServer) -> Iterator[Live]:
+    root = tmp_path_factory.mktemp("live")
+    home, store, port = root / "airflow", root / "store", free_port()
+    env = airflow_env(home, {
+        "SIM_PIPELINE_STORE": str(store), "SIM_PIPELINE_DATABASE_URL": pg_url,
+        "SIM_PIPELINE_MODEL": str(tiny_model), "SIM_PIPELINE_DEVICE": "cpu",
+        "SIM_PIPELINE_FETCH_TIMEOUT": "3", "SIM_PIPELINE_ALLOW_HOSTS": image_server.allow_hosts})
+    urls = serve_good_images(image_server, 5, prefix="live")
+    for day, rows in DAYS.items():
+        write_pairs(store / "incoming" / f"{day}.csv", urls[:rows], prefix=f"on {day}, photo")
+    output = root / "launcher.out"
+    with output.open("wb") as out:
+        launcher = subprocess.Popen(
+            [PYTHON, str(REPO / "bin" / "airflow_local.py"), "--home", str(home),
+             "--port", str(port), "--gpu-slots", "2"],  # two cores: two embedding tasks
+            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_line(output, "Airflow is up", launcher)
+        live = Live(launcher, AirflowApi(port), {**env, "AIRFLOW_HOME": str(home)}, home,
+                    store, output, urls)
+        live.api.wait(lambda: live.api.has_dag(), "the dag-processor to parse the DAG", 60)
+        # Both start now and share the scheduler, as they would in production.
+        live.manual_run = live.api.trigger(
+            {"csv_path": str(write_pairs(root / "manual.csv", urls)), "chunk_size": 3})
+        backfill(live, "--from-date", "2024-03-01", "--to-date", "2024-03-02T02:00:00+00:00")
+        yield live
+    finally:
+        if launcher.poll() is None:  # a failed test left it running: stop it the same way
+            launcher.send_signal(signal.SIGTERM)
+            launcher.wait(timeout=90)
+
+
+def task_states(live: Live, run_id: str) -> dict[str, list[str]]:
+    states: dict[str, list[str]] = {}
+    for ti in live.api.task_instances(run_id):
+        states.setdefault(ti["task_id"], []).append(ti["state"])
+    return states
+
+
+def test_a_run_triggered_over_rest_completes_through_the_scheduler(
+        live: Live, pg_url: str) -> None:
+    run_id = live.manual_run  # {"csv_path": ...} posted as the UI's trigger form does
+    assert live.api.wait_for_run(run_id) == "success"
+    assert task_states(live, run_id)["join_score"] == ["success", "success"]
+    assert [r["row_number"] for r in score_rows(pg_url, run_id)] == list(range(len(live.urls)))
+    assert run_status(pg_url, run_id)["status"] == "succeeded"
+
+
+def test_clearing_join_score_reruns_it_and_changes_no_row(live: Live, pg_url: str) -> None:
+    run_id = live.manual_run
+    assert live.api.wait_for_run(run_id) == "success"
+    before = score_rows(pg_url, run_id)
+    live.api.clear(run_id, ["join_score"])  # and what follows it: finalize
+    assert live.api.wait_for_run(run_id) == "success"
+    tries = {(ti["task_id"], ti["map_index"]): ti["try_number"]
+             for ti in live.api.task_instances(run_id)}
+    assert tries[("join_score", 0)] == tries[("join_score", 1)] == tries[("finalize", -1)] == 2
+    assert tries[("embed_images", 0)] == 1
+    after = score_rows(pg_url, run_id)
+    assert without(after, "scored_at") == without(before, "scored_at")
+
+
+def backfill_runs(live: Live) -> dict[str, dict[str, Any]]:
+    return {r["dag_run_id"]: r for r in live.api.runs() if r["run_type"] == "backfill"}
+
+
+def backfill(live: Live, *args: str) -> None:
+    """`airflow backfill create` with the launcher's AIRFLOW_HOME; the scheduler runs it."""
+    run_airflow(["backfill", "create", "--dag-id", "similarity_scoring", *args], live.env)
+
+
+def test_a_two_day_backfill_scores_each_days_file_once(live: Live, pg_url: str) -> None:
+    live.api.wait(lambda: len(backfill_runs(live)) == 2, "two backfill runs", timeout=30)
+    for run_id in backfill_runs(live):
+        assert live.api.wait_for_run(run_id) == "success"
+    for day, rows in DAYS.items():
+        run_id = f"backfill__{day}T02:00:00+00:00"
+        scored = score_rows(pg_url, run_id)
+        assert [r["row_number"] for r in scored] == list(range(rows))
+        assert all(r["caption"].startswith(f"on {day}") for r in scored)
+        assert run_status(pg_url, run_id)["source"].endswith(f"incoming/{day}.csv")
+
+
+def test_rerunning_a_backfilled_day_replaces_its_rows(live: Live, pg_url: str) -> None:
+    """Clearing the whole run re-runs the day under the same run id, which is also what
+    `airflow backfill create --reprocess-behavior completed` does to an existing day."""
+    run_id = "backfill__2024-03-01T02:00:00+00:00"
+    assert live.api.wait_for_run(run_id) == "success"
+    before = score_rows(pg_url, run_id)
+    live.api.clear(run_id)
+    assert live.api.wait_for_run(run_id) == "success"
+    tries = {ti["task_id"]: ti["try_number"] for ti in live.api.task_instances(run_id)}
+    assert set(tries.values()) == {2}  # every task ran again
+    after = score_rows(pg_url, run_id)
+    assert without(after, "scored_at") == without(before, "scored_at")
+    assert min(r["scored_at"] for r in after) > max(r["scored_at"] for r in before)
+    day_file = str(live.store / "incoming" / "2024-03-01.csv")
+    assert runs_of_source(pg_url, day_file) == [run_id]  # one run, so one set of rows, per day
+
+
+def test_the_nightly_run_of_a_day_without_its_file_skips(live: Live, pg_url: str) -> None:
+    scheduled = [r for r in live.api.runs() if r["run_type"] == "scheduled"]
+    assert scheduled, "the scheduler made no nightly run"  # catchup off: only the latest one
+    run_id = scheduled[0]["dag_run_id"]
+    assert live.api.wait_for_run(run_id) == "success"
+    states = task_states(live, run_id)
+    assert states.pop("plan_chunks") == ["skipped"]
+    assert all(s == ["skipped"] for s in states.values())
+    assert run_status(pg_url, run_id) is None and score_rows(pg_url, run_id) == []
+    day = datetime.fromisoformat(scheduled[0]["logical_date"]).astimezone(UTC).date()
+    log = next((live.home / "logs").glob(f"dag_id=*/run_id={run_id}/task_id=plan_chunks/*.log"))
+    assert f"No nightly input for {day}" in log.read_text()
+
+
+def test_sigterm_stops_the_scheduler_first_then_every_process(live: Live) -> None:
+    pids = json.loads((live.home / "pids.json").read_text())
+    live.launcher.send_signal(signal.SIGTERM)
+    assert live.launcher.wait(timeout=90) == 0
+    text = live.output.read_text()
+    assert text.index("stopped scheduler") < text.index("stopped dag-processor, api-server")
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)  # neither the component nor anything left in its process group
+    assert processes_of(live.home) == []  # nor any task or worker process it spawned
+
+
+def processes_of(home: Path) -> list[int]:
+    """Processes whose environment names this AIRFLOW_HOME: everything the launcher started."""
+    marker = f"AIRFLOW_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
