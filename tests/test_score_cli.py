@@ -17,7 +17,8 @@ def score(source: Path, settings: Settings, *extra: str) -> int:
     return cli.main(["score", str(source), "--quiet", "--model", settings.model,
                      "--store", settings.store, "--database-url", settings.database_url,
                      "--device", settings.device, "--fetch-timeout", str(settings.fetch_timeout),
-                     "--batch-size", str(settings.batch_size), *extra])
+                     "--batch-size", str(settings.batch_size), "--precision", settings.precision,
+                     "--allow-hosts", settings.allow_hosts, *extra])
 
 
 def table_rows(database_url: str) -> list[tuple]:
@@ -56,6 +57,8 @@ def test_scores_every_row_in_order_with_input_columns_untouched(
             assert len(similarity.split(".")[1]) == 4
     summary = capsys.readouterr().out
     assert f"{len(cases)}: " in summary and "http_404 1" in summary
+    report = (tmp_path / "pairs_scored_report.html").read_text(encoding="utf-8")
+    assert "<svg" in report and "http_404" in report
 
 
 def test_results_table_holds_one_row_per_input_row(tmp_path: Path, settings: Settings,
@@ -129,7 +132,7 @@ def test_a_crash_halfway_is_completed_by_a_rerun(
     assert score(source, settings, "--chunk-size", "5") == 0
     output = read_csv(tmp_path / "pairs_scored.csv")
     assert len(output) == 13 and all(row[-1] == "" for row in output[1:])
-    assert image_server.total_requests() - fetched == 2  # only chunk 2, never reached before
+    assert image_server.total_requests() == fetched  # every chunk was fetched before the crash
     assert [r[1] for r in table_rows(settings.database_url)] == list(range(12))
 
 
@@ -143,3 +146,21 @@ def test_a_model_that_cannot_load_names_the_setting(
     err = capsys.readouterr().err.strip()
     assert "SIM_PIPELINE_MODEL" in err and "no-such-model" in err
     assert len(err.splitlines()) == 1
+
+
+def test_fetch_only_warms_the_cache_for_a_later_score(
+        tmp_path: Path, settings: Settings, image_server: ImageServer,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    urls = serve_good_images(image_server, 4, prefix="warmup")
+    source = write_cases(tmp_path / "pairs.csv", [Case(u, "a caption", None) for u in urls]
+                         + [Case(image_server.url("/warmup/missing.jpg"), "gone", "http_404")])
+    flags = ["--store", settings.store, "--model", settings.model, "--precision",
+             settings.precision, "--allow-hosts", settings.allow_hosts, "--quiet"]
+    assert cli.main(["fetch", str(source), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "5 downloaded (4 ok" in out and "http_404 1" in out
+    assert not (tmp_path / "pairs_scored.csv").exists()
+    before = image_server.total_requests()
+    assert score(source, settings) == 0
+    assert image_server.total_requests() == before
+    assert len(read_csv(tmp_path / "pairs_scored.csv")) == 6

@@ -1,0 +1,28 @@
+"""The benchmark scripts stay runnable: each runs end to end on a tiny model and small N.
+
+They print figures; nothing here times anything.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(("module", "args", "expect"), [
+    ("bench.gpu", ["--images", "6", "--batch-size", "4", "--rounds", "1"], "stage/bare"),
+    ("bench.end_to_end", ["--pairs", "12", "--images", "8"], "warm / cold"),
+    ("bench.memory", ["--small", "20", "--large", "60", "--images", "5"], "large / small"),
+])
+def test_benchmark_script_runs(tmp_path: Path, module: str, args: list[str], expect: str) -> None:
+    env = {**os.environ, "SIM_BENCH_DIR": str(tmp_path), "SIM_BENCH_MODEL_SHAPE": "tiny"}
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expect in done.stdout
