@@ -1,14 +1,28 @@
 """sim-pipeline: score how well captions describe images (CLIP), chunked and idempotent.
 
 The core library has no Airflow import: the same stage functions run from the CLI, from
-``score_pairs`` and from the Airflow DAG in ``dags/``.
+``score_pairs`` and from the Airflow DAG in ``dags/``. Names are imported lazily, so worker
+processes and fully cached runs load only what they use.
 """
 
-from sim_pipeline.api import score_pairs
-from sim_pipeline.config import Settings, load_settings
-from sim_pipeline.errors import UserError
-from sim_pipeline.pipeline import score_csv
-from sim_pipeline.score import ScoredRow
+from __future__ import annotations
 
-__all__ = ["ScoredRow", "Settings", "UserError", "load_settings", "score_csv", "score_pairs"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "score_pairs": "sim_pipeline.api",
+    "Settings": "sim_pipeline.config",
+    "load_settings": "sim_pipeline.config",
+    "UserError": "sim_pipeline.errors",
+    "score_csv": "sim_pipeline.pipeline",
+    "ScoredRow": "sim_pipeline.score",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sim_pipeline' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

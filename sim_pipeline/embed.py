@@ -149,7 +149,8 @@ def _compute_image_vectors(todo: list[tuple[str, str]], store: ObjectStore, sett
         done, images = [], []
         for sha, url_hash in batch:
             try:
-                images.append(decode_image(store.read_bytes(image_key(url_hash))))
+                images.append(decode_image(store.read_bytes(image_key(url_hash)),
+                                           settings.max_pixels))
                 done.append(sha)
             except DecodeFailed as failure:
                 failed[sha] = failure.code

@@ -97,7 +97,8 @@ class ClipEncoder:
         dtype = torch.float16 if self.precision == "fp16" else torch.float32
         moved = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else None,
                          non_blocking=True) for k, v in inputs.items()}
-        autocast = (torch.autocast(self.device, dtype=torch.bfloat16)
+        # No cast cache: it would hold a bf16 copy of every weight, as fast without it.
+        autocast = (torch.autocast(self.device, dtype=torch.bfloat16, cache_enabled=False)
                     if self.precision == "bf16" else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             features = getattr(self.model(**moved), output).float()

@@ -125,7 +125,11 @@ class LocalStore:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
         tmp = os.path.join(folder, f".{name}.{os.getpid()}-{next(self._serial)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:  # the folder was removed behind our back (a prune): remake it
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
