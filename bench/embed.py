@@ -108,6 +108,22 @@ def compare(device: str, count: int, batch_size: int, rounds: int,
     return vectors
 
 
+def compare_onnx(count: int, batch_size: int, reference: np.ndarray) -> None:
+    """The ONNX Runtime backends' embed stage (export cached first) against torch fp32 vectors."""
+    model = str(vit_b32_checkpoint())
+    store, chunk = stage_store(count)
+    for backend in ("onnx", "onnx-int8"):
+        settings = Settings(model=model, device="cpu", backend=backend, batch_size=batch_size,
+                            store=str(store.root))
+        from sim_pipeline.onnx_backend import load_onnx_encoder
+
+        load_onnx_encoder(model, backend, "image", settings.store)  # export once, untimed
+        rate, vectors = embed_stage(settings, store, chunk)
+        cosine = np.sum(vectors * reference, axis=1)
+        print(f"cpu {backend}: embed stage {rate:6.1f} images/s | cosine vs torch fp32 "
+              f"min {cosine.min():.6f}")
+
+
 def compare_texts(device: str, precision: str, count: int = 256) -> None:
     model = str(vit_b32_checkpoint())
     captions = [("a photo of " + "a very long and winding caption " * (i % 5)).strip()
@@ -125,6 +141,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--onnx", action="store_true", help="also the ONNX Runtime backends")
     args = parser.parse_args()
     default = resolve_precision("auto", "cpu")
     print(f"torch threads {torch.get_num_threads()}, {args.images} images 640x480, "
@@ -134,6 +151,8 @@ def main() -> None:
         cos = np.sum(vectors[default] * vectors["fp32"], axis=1)
         print(f"{default} vs fp32 image embeddings: min cosine {cos.min():.6f}, "
               f"mean {cos.mean():.6f}")
+    if args.onnx:
+        compare_onnx(args.images, args.batch_size, vectors["fp32"])
     compare_texts("cpu", "fp32")
     if default != "fp32":
         compare_texts("cpu", default)
