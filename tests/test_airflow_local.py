@@ -135,8 +135,22 @@ def backfill_runs(live: Live) -> dict[str, dict[str, Any]]:
 
 
 def backfill(live: Live, *args: str) -> None:
-    """`airflow backfill create` with the launcher's AIRFLOW_HOME; the scheduler runs it."""
-    run_airflow(["backfill", "create", "--dag-id", "similarity_scoring", *args], live.env)
+    """`airflow backfill create` with the launcher's AIRFLOW_HOME; the scheduler runs it.
+
+    The local launcher keeps Airflow's metadata in SQLite, which takes one writer at a time: on a
+    busy machine the CLI can lose the race with the scheduler ("database is locked", its whole
+    transaction rolled back), so it gets a few more tries.
+    """
+    command = ["backfill", "create", "--dag-id", "similarity_scoring", *args]
+    for _ in range(4):
+        try:
+            run_airflow(command, live.env)
+            return
+        except AssertionError as failure:
+            if "database is locked" not in str(failure):
+                raise
+            time.sleep(3)
+    run_airflow(command, live.env)
 
 
 def test_a_two_day_backfill_scores_each_days_file_once(live: Live, pg_url: str) -> None:
