@@ -21,7 +21,7 @@ from sim_pipeline.fetch import FetchStats, fetch_chunk
 from sim_pipeline.finalize import default_output_path, write_scored_csv
 from sim_pipeline.layout import ChunkRef
 from sim_pipeline.model import release_encoders
-from sim_pipeline.plan import RunPlan, check_input_file, default_run_id, plan_csv
+from sim_pipeline.plan import RunPlan, check_input_file, plan_input
 from sim_pipeline.report import write_report
 from sim_pipeline.results_db import RUN_LEVEL, ResultsDB, masked, timed
 from sim_pipeline.score import ScoredRow, join_score_chunk
@@ -116,9 +116,9 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
     check_input_file(source)
     store = open_store(settings.store)
     results = ResultsDB(settings.database_url)
-    run_id = settings.run_id or default_run_id(source, settings)
     planning = time.monotonic()
-    plan: RunPlan = plan_csv(source, store, settings, run_id)
+    plan: RunPlan = plan_input(source, store, settings)
+    run_id = plan.run_id
     summary = RunSummary(run_id, Path(output or default_output_path(source)),
                          masked(results.url))
     results.start_run(run_id, str(source), settings.model, plan.rows, plan.columns,
@@ -152,11 +152,9 @@ def fetch_csv(source: str | Path, settings: Settings, progress: bool = True) -> 
     """Plan and fetch only: warms the image cache ahead of a GPU window; writes no results."""
     started = time.monotonic()
     source = Path(source)
-    check_input_file(source)
     store = open_store(settings.store)
-    run_id = settings.run_id or default_run_id(source, settings)
-    plan = plan_csv(source, store, settings, run_id)
-    summary = RunSummary(run_id, default_output_path(source), "none", rows=plan.rows)
+    plan = plan_input(source, store, settings)
+    summary = RunSummary(plan.run_id, default_output_path(source), "none", rows=plan.rows)
     for fetched in over_chunks("fetch-images", fetch_chunk, plan, store, settings, None,
                                progress):
         summary.fetch.add(fetched)

@@ -15,7 +15,7 @@ from sim_pipeline.errors import UserError
 from sim_pipeline.fetch import fetch_chunk
 from sim_pipeline.finalize import default_output_path, write_scored_csv
 from sim_pipeline.layout import ChunkRef
-from sim_pipeline.plan import check_input_file, default_run_id, load_plan, plan_csv
+from sim_pipeline.plan import load_plan, plan_input
 from sim_pipeline.report import write_report
 from sim_pipeline.results_db import ResultsDB, timed_stage
 from sim_pipeline.score import join_score_chunk
@@ -30,13 +30,12 @@ def plan(settings: Settings, input_path: str | Path, source: str | None = None
     ``source`` is what the run records as its input when ``input_path`` is a local copy of it
     (an s3:// object downloaded for planning, say).
     """
-    path = Path(input_path)
-    check_input_file(path)
-    run_id = settings.run_id or default_run_id(path, settings)
-    run = plan_csv(path, open_store(settings.store), settings, run_id)
-    ResultsDB(settings.database_url).start_run(run_id, source or str(path), settings.model,
-                                               run.rows, run.columns, run.delimiter)
-    return {"run_id": run_id, "rows": run.rows, "chunks": [c.to_dict() for c in run.chunks]}
+    run = plan_input(input_path, open_store(settings.store), settings)
+    ResultsDB(settings.database_url).start_run(run.run_id, source or str(input_path),
+                                               settings.model, run.rows, run.columns,
+                                               run.delimiter)
+    return {"run_id": run.run_id, "rows": run.rows,
+            "chunks": [c.to_dict() for c in run.chunks]}
 
 
 def chunk_ref(settings: Settings, index: int) -> ChunkRef:
