@@ -58,6 +58,8 @@ def airflow_environ(home: Path, port: int, base: Mapping[str, str]) -> dict[str,
     defaults = {
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        # SQLite takes one writer at a time: wait for the lock instead of failing on it
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "sim_airflow.sqlite_args.CONNECT_ARGS",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "4",
