@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from sim_pipeline.layout import ChunkRef, image_key, image_meta_key, model_tag, 
 from sim_pipeline.plan import InputRow, read_chunk_rows
 from sim_pipeline.preprocess import DecodeFailed, decode_image
 from sim_pipeline.store import ObjectStore, read_json, write_json
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -146,15 +149,21 @@ def _compute_image_vectors(todo: list[tuple[str, str]], store: ObjectStore, sett
     failed: dict[str, str] = {}
 
     def prepare(batch: list[tuple[str, str]]) -> tuple[list[str], Any]:
-        done, images = [], []
-        for sha, url_hash in batch:
-            try:
-                images.append(decode_image(store.read_bytes(image_key(url_hash)),
-                                           settings.max_pixels))
+        done: list[str] = []
+
+        def decoded() -> Iterator[Image.Image]:  # one full-size image alive at a time
+            for sha, url_hash in batch:
+                try:
+                    image = decode_image(store.read_bytes(image_key(url_hash)),
+                                         settings.max_pixels)
+                except DecodeFailed as failure:
+                    failed[sha] = failure.code
+                    continue
                 done.append(sha)
-            except DecodeFailed as failure:
-                failed[sha] = failure.code
-        return done, encoder.preprocess(images) if images else None
+                yield image
+
+        pixels = encoder.preprocess(decoded())
+        return done, pixels if done else None
 
     for done, pixels in prefetched(prepare, batched(todo, settings.batch_size), DECODE_WORKERS):
         if done:

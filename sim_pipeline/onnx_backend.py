@@ -13,12 +13,14 @@ import io
 import os
 import tempfile
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sim_pipeline.clip_pixels import pixel_values_function
 from sim_pipeline.errors import UserError
 from sim_pipeline.layout import model_tag
 from sim_pipeline.store import open_store
@@ -41,8 +43,12 @@ class OnnxEncoder:
     tower: str
     max_text_length: int
 
-    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
-        return self.processor.image_processor(images=images, return_tensors="np")["pixel_values"]
+    def preprocess(self, images: Iterable[Image.Image]) -> np.ndarray:
+        return self.pixel_values(images)
+
+    @functools.cached_property
+    def pixel_values(self) -> Callable[[Iterable[Image.Image]], np.ndarray]:
+        return pixel_values_function(self.processor.image_processor)
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         (out,) = self.session.run(None, {"pixel_values": np.asarray(pixels, dtype=np.float32)})

@@ -1,0 +1,92 @@
+"""CLIPImageProcessor's resize, centre crop, rescale and normalise, bit for bit, at less cost.
+
+The processor converts every image to numpy and back to PIL, then rescales in float64 and
+normalises with two more full-size copies. Here the same PIL bicubic resize and the same crop run
+on the PIL image, and rescale + normalise become one 256-entry lookup table per channel (a uint8
+pixel has only 256 values), written straight into the batch array. The output is identical to the
+processor's (tested), in about two thirds of the time, and decoding steals less CPU from the model.
+
+Only the configuration CLIP checkpoints use is replicated; any other returns ``None`` from
+``FastClipPixels.matching`` and the processor itself is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class FastClipPixels:
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    resample: int
+    table: np.ndarray  # (3, 256) float32: the normalised value of each uint8 level per channel
+
+    @classmethod
+    def matching(cls, processor: Any) -> FastClipPixels | None:
+        """The fast path for ``processor`` if it does exactly what this module replicates."""
+        size, crop = dict(processor.size or {}), dict(processor.crop_size or {})
+        steps = (processor.do_resize, processor.do_center_crop, processor.do_rescale,
+                 processor.do_normalize)
+        if (not all(steps) or getattr(processor, "do_pad", False)
+                or set(size) != {"shortest_edge"} or set(crop) != {"height", "width"}
+                or max(crop["height"], crop["width"]) > size["shortest_edge"]
+                or not isinstance(processor.resample, int)
+                or len(processor.image_mean) != 3 or len(processor.image_std) != 3):
+            return None
+        return cls(int(size["shortest_edge"]), int(crop["height"]), int(crop["width"]),
+                   int(processor.resample),
+                   _level_table(processor.rescale_factor, processor.image_mean,
+                                processor.image_std))
+
+    def __call__(self, images: Iterable[Image.Image]) -> np.ndarray:
+        """``(N, 3, H, W)`` float32 pixel values, as ``processor(images)["pixel_values"]``.
+
+        ``images`` may be a generator decoding one image at a time: each is dropped as soon as its
+        pixels are taken, so a batch never holds its full-size images all at once.
+        """
+        rows = [self.pixels_of(image) for image in images]
+        if not rows:
+            return np.empty((0, 3, self.crop_height, self.crop_width), dtype=np.float32)
+        return np.stack(rows)
+
+    def pixels_of(self, image: Image.Image) -> np.ndarray:
+        width, height = self.resized_size(*image.size)
+        top, left = (height - self.crop_height) // 2, (width - self.crop_width) // 2
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        resized = rgb.resize((width, height), resample=self.resample)
+        levels = np.asarray(resized.crop((left, top, left + self.crop_width,
+                                          top + self.crop_height)))
+        out = np.empty((3, self.crop_height, self.crop_width), dtype=np.float32)
+        for channel in range(3):
+            np.take(self.table[channel], levels[..., channel], out=out[channel])
+        return out
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """Shortest edge to ``shortest_edge``, the other truncated, as transformers computes it."""
+        short, long = sorted((width, height))
+        new_long = int(self.shortest_edge * long / short)
+        if width <= height:
+            return self.shortest_edge, new_long
+        return new_long, self.shortest_edge
+
+
+def _level_table(scale: float, mean: list[float], std: list[float]) -> np.ndarray:
+    """Each uint8 level rescaled in float64, cast to float32, then normalised in float32."""
+    levels = (np.arange(256, dtype=np.float64) * scale).astype(np.float32)
+    mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return ((levels[None, :] - mean32[:, None]) / std32[:, None]).astype(np.float32)
+
+
+def pixel_values_function(processor: Any) -> Callable[[Iterable[Image.Image]], np.ndarray]:
+    """The fast path when it matches ``processor`` (an image processor), else the processor."""
+    fast = FastClipPixels.matching(processor)
+    if fast is not None:
+        return fast
+    return lambda images: processor(images=list(images), return_tensors="np")["pixel_values"]
