@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import dataclasses
 import json
 import sys
@@ -16,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from sim_pipeline.config import DEVICES, PRECISIONS, Settings, load_settings
 from sim_pipeline.errors import UserError
+from sim_pipeline.native_memory import limit_malloc_arenas
 from sim_pipeline.results_cli import register as register_results
 
 STAGES = ("plan", "fetch-images", "embed-images", "embed-texts", "join-score", "finalize")
@@ -124,13 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_results(commands)
     return parser
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each thread its own heap arena; decode and I/O threads would fragment memory
-    into many. A couple of arenas keeps peak RSS down at no measurable cost in speed."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,11 @@ import numpy as np
 
 from sim_pipeline.clip_pixels import pixel_values_function
 from sim_pipeline.errors import UserError
+from sim_pipeline.native_memory import (
+    checkpoint_mappings,
+    drop_mapped_pages,
+    return_free_memory,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -150,16 +155,21 @@ def _store_linear_weights_in_bf16(model: torch.nn.Module) -> None:
 
     Autocast casts every Linear's weight and bias to bf16 on each call anyway, so storing them in
     bf16 gives identical outputs (tested) with half the weight memory and no per-call cast; norms,
-    embeddings and the patch convolution stay fp32 as autocast wants them. Copying the rest
-    releases the checkpoint's memory map, whose pages would otherwise stay resident.
+    embeddings and the patch convolution stay fp32 as autocast wants them. Each checkpoint tensor
+    is copied, then its memory-mapped pages are dropped, so the fp32 checkpoint and its copy are
+    never resident together.
     """
     import torch
 
+    mappings = checkpoint_mappings()
     with torch.no_grad():
         for module in model.modules():
             for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
                 keep = torch.bfloat16 if isinstance(module, torch.nn.Linear) else tensor.dtype
-                tensor.data = tensor.data.to(keep, copy=True)
+                source = tensor.data
+                tensor.data = source.to(keep, copy=True)
+                if source.is_contiguous():
+                    drop_mapped_pages(source.data_ptr(), source.nbytes, mappings)
 
 
 def release_encoders() -> None:
@@ -168,6 +178,7 @@ def release_encoders() -> None:
 
     load_encoder.cache_clear()
     gc.collect()
+    return_free_memory()
 
 
 def resolved_precision(device: str, precision: str) -> str:
