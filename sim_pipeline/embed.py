@@ -165,11 +165,17 @@ def _compute_image_vectors(todo: list[tuple[str, str]], store: ObjectStore, sett
         pixels = encoder.preprocess(decoded())
         return done, pixels if done else None
 
-    for done, pixels in prefetched(prepare, batched(todo, settings.batch_size), DECODE_WORKERS):
-        if done:
-            new = dict(zip(done, encoder.encode_pixels(pixels), strict=True))
-            cache.put_many(new)
-            vectors.update(new)
+    # Cache writes go to a background thread so the model never waits on the store.
+    with ThreadPoolExecutor(1) as writer:
+        writes = []
+        for done, pixels in prefetched(prepare, batched(todo, settings.batch_size),
+                                       DECODE_WORKERS):
+            if done:
+                new = dict(zip(done, encoder.encode_pixels(pixels), strict=True))
+                writes.append(writer.submit(cache.put_many, new))
+                vectors.update(new)
+        for write in writes:
+            write.result()  # a failed write fails the stage
     return failed
 
 
