@@ -86,13 +86,14 @@ def texts_per_second(settings: Settings, pad_to_77: bool, texts: list[str]) -> t
 
 
 def compare(device: str, count: int, batch_size: int, rounds: int,
-            precisions: list[str]) -> dict[str, np.ndarray]:
-    """Bare model vs embed stage per precision on ``device``; returns each one's vectors."""
+            precisions: list[str]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Bare model vs embed stage per precision on ``device``; returns each one's vectors and
+    embed-stage images/s."""
     model = str(vit_b32_checkpoint())
     store, chunk = stage_store(count)
     images = [decode_image((BENCH_DIR / "images-640" / f"{i:06d}.jpg").read_bytes())
               for i in range(count)]
-    vectors = {}
+    vectors, rates = {}, {}
     for precision in dict.fromkeys(precisions):
         settings = Settings(model=model, device=device, precision=precision,
                             batch_size=batch_size)
@@ -105,11 +106,14 @@ def compare(device: str, count: int, batch_size: int, rounds: int,
             stage = max(stage, rate)
         print(f"{device} {precision}: bare model {bare:7.1f} images/s | embed stage from cached "
               f"bytes {stage:7.1f} images/s | stage/bare {stage / bare:.2f}")
-    return vectors
+        rates[precision] = stage
+    return vectors, rates
 
 
-def compare_onnx(count: int, batch_size: int, reference: np.ndarray) -> None:
-    """The ONNX Runtime backends' embed stage (export cached first) against torch fp32 vectors."""
+def compare_onnx(count: int, batch_size: int, reference: np.ndarray,
+                 torch_rates: dict[str, float]) -> None:
+    """The ONNX Runtime backends' embed stage (export cached first) against torch's: speed-up
+    over each torch precision's embed stage, and cosine against torch fp32 vectors."""
     model = str(vit_b32_checkpoint())
     store, chunk = stage_store(count)
     for backend in ("onnx", "onnx-int8"):
@@ -120,8 +124,10 @@ def compare_onnx(count: int, batch_size: int, reference: np.ndarray) -> None:
         load_onnx_encoder(model, backend, "image", settings.store)  # export once, untimed
         rate, vectors = embed_stage(settings, store, chunk)
         cosine = np.sum(vectors * reference, axis=1)
-        print(f"cpu {backend}: embed stage {rate:6.1f} images/s | cosine vs torch fp32 "
-              f"min {cosine.min():.6f}")
+        speedups = ", ".join(f"x{rate / torch_rate:.2f} torch {precision}"
+                             for precision, torch_rate in torch_rates.items())
+        print(f"cpu {backend}: embed stage {rate:6.1f} images/s ({speedups}) | cosine vs torch "
+              f"fp32 min {cosine.min():.6f}")
 
 
 def compare_texts(device: str, precision: str, count: int = 256) -> None:
@@ -146,13 +152,13 @@ def main() -> None:
     default = resolve_precision("auto", "cpu")
     print(f"torch threads {torch.get_num_threads()}, {args.images} images 640x480, "
           f"batch {args.batch_size}, default precision here: {default}")
-    vectors = compare("cpu", args.images, args.batch_size, args.rounds, [default, "fp32"])
+    vectors, rates = compare("cpu", args.images, args.batch_size, args.rounds, [default, "fp32"])
     if default != "fp32":
         cos = np.sum(vectors[default] * vectors["fp32"], axis=1)
         print(f"{default} vs fp32 image embeddings: min cosine {cos.min():.6f}, "
               f"mean {cos.mean():.6f}")
     if args.onnx:
-        compare_onnx(args.images, args.batch_size, vectors["fp32"])
+        compare_onnx(args.images, args.batch_size, vectors["fp32"], rates)
     compare_texts("cpu", "fp32")
     if default != "fp32":
         compare_texts("cpu", default)

@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize(("module", "args", "expect"), [
     ("bench.gpu", ["--images", "6", "--batch-size", "4", "--rounds", "1"], "stage/bare"),
+    ("bench.embed", ["--images", "6", "--batch-size", "4", "--rounds", "1", "--onnx"],
+     "cpu onnx-int8: embed stage"),
     ("bench.end_to_end", ["--pairs", "12", "--images", "8"], "warm / cold"),
     ("bench.memory", ["--small", "20", "--large", "60", "--images", "5"], "large / small"),
 ])
