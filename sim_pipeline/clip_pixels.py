@@ -59,8 +59,7 @@ class FastClipPixels:
     def pixels_of(self, image: Image.Image) -> np.ndarray:
         width, height = self.resized_size(*image.size)
         top, left = (height - self.crop_height) // 2, (width - self.crop_width) // 2
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        resized = rgb.resize((width, height), resample=self.resample)
+        resized = _as_rgb(image).resize((width, height), resample=self.resample)
         levels = np.asarray(resized.crop((left, top, left + self.crop_width,
                                           top + self.crop_height)))
         out = np.empty((3, self.crop_height, self.crop_width), dtype=np.float32)
@@ -75,6 +74,16 @@ class FastClipPixels:
         if width <= height:
             return self.shortest_edge, new_long
         return new_long, self.shortest_edge
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """Plain RGB as is; anything else through transformers' own conversion (it composites
+    transparency over white), so every mode gives the processor's pixels."""
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image
+    from transformers.image_transforms import convert_to_rgb
+
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True))
 
 
 def _level_table(scale: float, mean: list[float], std: list[float]) -> np.ndarray:

@@ -24,6 +24,16 @@ def clip_image_processor() -> object:
     return CLIPImageProcessorPil()
 
 
+def images_of_every_mode() -> list[Image.Image]:
+    """Not decoded by us: what a caller of ``encode_images`` might pass in."""
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 255, (240, 320, 4), dtype=np.uint8), "RGBA")
+    modes = [rgba.convert(mode) for mode in ("RGBA", "LA", "L", "P", "CMYK", "I;16", "1", "F")]
+    keyed = rgba.convert("RGB")
+    keyed.info["transparency"] = (0, 0, 0)
+    return [*modes, rgba.convert("RGBA").convert("PA"), keyed]
+
+
 def images_of_every_shape() -> list[Image.Image]:
     images = [decode_image(make_image(seed, size=size)) for seed, size in enumerate(SIZES)]
     grey = Image.fromarray(np.arange(64 * 48, dtype=np.uint32).reshape(48, 64).astype(np.uint8))
@@ -41,6 +51,13 @@ def test_fast_pixels_equal_clip_image_processor_bit_for_bit() -> None:
     got = fast(images)
     assert got.dtype == np.float32 and got.shape == expected.shape == (len(images), 3, 224, 224)
     assert np.array_equal(got, expected)
+
+
+def test_fast_pixels_convert_every_mode_as_the_processor_does() -> None:
+    processor = clip_image_processor()
+    for image in images_of_every_mode():
+        expected = processor(images=[image], return_tensors="np")["pixel_values"]
+        assert np.array_equal(FastClipPixels.matching(processor)([image]), expected), image.mode
 
 
 @pytest.mark.parametrize("change", [{"do_center_crop": False}, {"do_normalize": False},
