@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("bench.embed", ["--images", "6", "--batch-size", "4", "--rounds", "1", "--onnx"],
      "cpu onnx-int8: embed stage"),
     ("bench.end_to_end", ["--pairs", "12", "--images", "8"], "warm / cold"),
+    ("bench.cache", ["--pairs", "20", "--images", "20"], "second / first inference time"),
     ("bench.memory", ["--small", "20", "--large", "60", "--images", "5"], "large / small"),
 ])
 def test_benchmark_script_runs(tmp_path: Path, module: str, args: list[str], expect: str) -> None:
