@@ -3,8 +3,8 @@
 The processor converts every image to numpy and back to PIL, then rescales in float64 and
 normalises with two more full-size copies. Here the same PIL bicubic resize and the same crop run
 on the PIL image, and rescale + normalise become one 256-entry lookup table per channel (a uint8
-pixel has only 256 values), written straight into the batch array. The output is identical to the
-processor's (tested), in about two thirds of the time, and decoding steals less CPU from the model.
+pixel has only 256 values). The output is identical to the processor's (tested), in about two
+thirds of the time, so decoding steals less CPU from the model.
 
 Only the configuration CLIP checkpoints use is replicated; any other returns ``None`` from
 ``FastClipPixels.matching`` and the processor itself is used.
