@@ -35,7 +35,7 @@ lint: setup
 
 # A random-weight CLIP for offline trials: its scores are meaningless.
 random-model: setup
-	$(BIN)/sim-pipeline random-model .sim-pipeline/random-clip
+	$(BIN)/python -m tests.support.random_model .sim-pipeline/random-clip
 
 clean:
 	rm -rf $(VENV) .sim-pipeline .pytest_cache

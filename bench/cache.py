@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 from bench.common import BENCH_DIR, serve_folder, vit_b32_checkpoint, write_images
-from sim_pipeline.config import Settings
-from sim_pipeline.embed import embed_images_chunk, embed_texts_chunk
-from sim_pipeline.model import load_encoder, resolved_precision
-from sim_pipeline.pipeline import fetch_csv
-from sim_pipeline.plan import load_plan
-from sim_pipeline.store import open_store
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.store import open_store
+from sim_pipeline.runners.pipeline import fetch_csv
+from sim_pipeline.stages.embed.images import embed_images_chunk
+from sim_pipeline.stages.embed.model import load_encoder, resolved_precision
+from sim_pipeline.stages.embed.texts import embed_texts_chunk
+from sim_pipeline.stages.plan import load_plan
 
 
 def write_file(path: Path, pairs: list[tuple[str, str]]) -> None:

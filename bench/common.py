@@ -66,7 +66,7 @@ def vit_b32_checkpoint() -> Path:
 
     ``SIM_BENCH_MODEL_SHAPE=tiny`` swaps in a tiny model, for smoke-testing the scripts.
     """
-    from sim_pipeline.random_model import build_random_clip
+    from tests.support.random_model import build_random_clip
 
     shape = os.environ.get("SIM_BENCH_MODEL_SHAPE", "vit-b-32")
     path = BENCH_DIR / f"clip-{shape}-random"

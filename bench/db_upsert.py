@@ -24,9 +24,9 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
-from sim_pipeline.layout import sha256_hex
-from sim_pipeline.results_db import ResultsDB, _engine, masked
-from sim_pipeline.results_query import delete_runs
+from sim_pipeline.core.layout import sha256_hex
+from sim_pipeline.results.db import ResultsDB, _engine, masked
+from sim_pipeline.results.query import delete_runs
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from bench.common import BENCH_DIR, vit_b32_checkpoint, write_images
-from sim_pipeline.config import Settings
-from sim_pipeline.embed import embed_images_chunk, load_embedding_set
-from sim_pipeline.layout import ChunkRef, image_key, image_meta_key, model_tag, sha256_hex
-from sim_pipeline.model import load_encoder, resolve_precision
-from sim_pipeline.plan import normalise_row, write_chunks
-from sim_pipeline.preprocess import decode_image
-from sim_pipeline.store import LocalStore, write_json
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.layout import ChunkRef, image_key, image_meta_key, model_tag, sha256_hex
+from sim_pipeline.core.store import LocalStore, write_json
+from sim_pipeline.stages.decode import decode_image
+from sim_pipeline.stages.embed.images import embed_images_chunk
+from sim_pipeline.stages.embed.model import load_encoder, resolve_precision
+from sim_pipeline.stages.embed.sets import load_embedding_set
+from sim_pipeline.stages.plan import normalise_row, write_chunks
 
 
 def stage_store(count: int) -> tuple[LocalStore, ChunkRef]:
@@ -119,7 +120,7 @@ def compare_onnx(count: int, batch_size: int, reference: np.ndarray,
     for backend in ("onnx", "onnx-int8"):
         settings = Settings(model=model, device="cpu", backend=backend, batch_size=batch_size,
                             store=str(store.root))
-        from sim_pipeline.onnx_backend import load_onnx_encoder
+        from sim_pipeline.stages.embed.onnx_backend import load_onnx_encoder
 
         load_onnx_encoder(model, backend, "image", settings.store)  # export once, untimed
         rate, vectors = embed_stage(settings, store, chunk)

@@ -92,10 +92,10 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
 
 def run_ours(urls: list[str], base: str, concurrency: int, folder: Path) -> tuple[float, dict]:
     """The real fetch stage over one chunk holding every URL; returns (seconds, stats)."""
-    from sim_pipeline.config import Settings
-    from sim_pipeline.fetch import fetch_chunk
-    from sim_pipeline.plan import normalise_row, write_chunks
-    from sim_pipeline.store import LocalStore
+    from sim_pipeline.core.config import Settings
+    from sim_pipeline.core.store import LocalStore
+    from sim_pipeline.stages.fetch.chunk import fetch_chunk
+    from sim_pipeline.stages.plan import normalise_row, write_chunks
 
     store = LocalStore(folder)
     rows = [normalise_row(i, url, "a caption", [url, "a caption"]) for i, url in enumerate(urls)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench.common import BENCH_DIR, serve_folder, write_images
 from bench.end_to_end import timed_process
-from sim_pipeline.random_model import build_random_clip
+from tests.support.random_model import build_random_clip
 
 
 def write_rows(path: Path, base_url: str, names: list[str], rows: int) -> None:

@@ -50,16 +50,25 @@ def pools_file(home: Path, gpu_slots: int | None) -> Path:
     return path
 
 
+def sqlite_url(path: Path) -> str:
+    """A SQLite metadata database whose connections wait up to 60 s for the write lock.
+
+    SQLite takes one writer at a time, and Python's default wait for the lock is 5 s, which a
+    scheduler, an api-server, a dag-processor and a CLI command writing at once exceed on a busy
+    machine ("database is locked"). SQLAlchemy's pysqlite (and aiosqlite) dialect passes the URL's
+    ``timeout`` to ``sqlite3.connect``, so the components take turns instead of failing.
+    """
+    return f"sqlite:///{path}?timeout=60"
+
+
 def airflow_environ(home: Path, port: int, base: Mapping[str, str]) -> dict[str, str]:
     """The environment of every component: this repo's DAG and plugins, local-only settings."""
     env = dict(base)
     env["AIRFLOW_HOME"] = str(home)  # and its own metadata DB, whatever the shell says
-    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{home / 'airflow.db'}"
+    env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sqlite_url(home / "airflow.db")
     defaults = {
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        # SQLite takes one writer at a time: wait for the lock instead of failing on it
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "sim_airflow.sqlite_args.CONNECT_ARGS",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": "4",

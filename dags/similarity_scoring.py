@@ -9,8 +9,9 @@ Trigger it with ``{"csv_path": "s3://bucket/pairs.csv"}``; nightly runs read the
 logical date (``SIM_PIPELINE_NIGHTLY_INPUT``, default ``<store>/incoming/{{ ds }}.csv``) and skip
 when it is missing. Tasks pass only chunk descriptors; images and embeddings stay in the object
 store, scores land in the results table under the Airflow run id. Every stage is the library's
-(``sim_pipeline.stages``), imported inside the task so parsing this file never loads torch; the
-Airflow glue lives in ``plugins/sim_airflow``.
+(``sim_pipeline.runners.dispatch``), imported inside the task: parsing never loads torch.
+``embed_images`` and ``embed_texts`` run in-process, or as one Kubernetes pod per chunk with
+``SIM_PIPELINE_EXECUTION=kubernetes``. The Airflow glue lives in ``plugins/sim_airflow``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import chain, dag, task
-from sim_airflow.options import FETCH, INFERENCE, RETRIES, execution, params, schedule
+from sim_airflow.options import FETCH, RETRIES, params, schedule
+from sim_airflow.tasks import chunk_task, inference_task
 
 Chunk = dict[str, Any]
 Counts = dict[str, Any]
@@ -32,32 +34,10 @@ def plan_chunks() -> list[Chunk]:
     return plan_run()
 
 
-@task(**FETCH)
-def fetch_images(chunk: Chunk) -> Counts:
-    from sim_airflow.runs import run_stage
-
-    return run_stage("fetch-images", chunk)
-
-
-@task(**INFERENCE)
-def embed_images(chunk: Chunk) -> Counts:
-    from sim_airflow.runs import run_stage
-
-    return run_stage("embed-images", chunk)
-
-
-@task(**INFERENCE)
-def embed_texts(chunk: Chunk) -> Counts:
-    from sim_airflow.runs import run_stage
-
-    return run_stage("embed-texts", chunk)
-
-
-@task
-def join_score(chunk: Chunk) -> Counts:
-    from sim_airflow.runs import run_stage
-
-    return run_stage("join-score", chunk)
+fetch_images = chunk_task("fetch-images", **FETCH)
+embed_images = inference_task("embed-images")
+embed_texts = inference_task("embed-texts")
+join_score = chunk_task("join-score")
 
 
 @task
@@ -65,12 +45,6 @@ def finalize(scored: list[Counts]) -> Counts:
     from sim_airflow.runs import finalize_run
 
     return finalize_run(scored)
-
-
-if execution() == "kubernetes":  # the GPU stages run as pods: `sim-pipeline stage ...` per chunk
-    from sim_airflow.pods import gpu_pod
-
-    embed_images, embed_texts = gpu_pod("embed-images"), gpu_pod("embed-texts")  # type: ignore[assignment]
 
 
 @dag(schedule=schedule(), start_date=datetime(2024, 1, 1, tzinfo=UTC), catchup=False,

@@ -11,12 +11,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "score_pairs": "sim_pipeline.api",
-    "Settings": "sim_pipeline.config",
-    "load_settings": "sim_pipeline.config",
-    "UserError": "sim_pipeline.errors",
-    "score_csv": "sim_pipeline.pipeline",
-    "ScoredRow": "sim_pipeline.score",
+    "score_pairs": "sim_pipeline.runners.api",
+    "Settings": "sim_pipeline.core.config",
+    "load_settings": "sim_pipeline.core.config",
+    "UserError": "sim_pipeline.core.errors",
+    "score_csv": "sim_pipeline.runners.pipeline",
+    "ScoredRow": "sim_pipeline.stages.score",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

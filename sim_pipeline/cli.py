@@ -1,4 +1,4 @@
-"""The ``sim-pipeline`` command: ``score`` a CSV, run one ``stage`` of a run, build a test model.
+"""The ``sim-pipeline`` command: ``score`` a CSV, ``fetch`` ahead, one ``stage``, ``results``.
 
 ``stage`` is how a Kubernetes pod (or any other runner) executes one stage on one chunk:
 ``sim-pipeline stage embed-images --run-id RUN --chunk 3``.
@@ -7,18 +7,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
 
-from sim_pipeline.config import DEVICES, PRECISIONS, Settings, load_settings
-from sim_pipeline.errors import UserError
-from sim_pipeline.native_memory import limit_malloc_arenas
-from sim_pipeline.results_cli import register as register_results
-
-STAGES = ("plan", "fetch-images", "embed-images", "embed-texts", "join-score", "finalize")
-
+from sim_pipeline.core.config import DEVICES, PRECISIONS, Settings, load_settings, user_settings
+from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.layout import STAGES
+from sim_pipeline.results.cli import register as register_results
+from sim_pipeline.stages.embed.native_memory import limit_malloc_arenas
 
 SETTING_HELP = {
     "model": "hub id or folder saved by save_pretrained",
@@ -41,7 +38,7 @@ def _settings_flags() -> argparse.ArgumentParser:
     """One flag per ``Settings`` field (``--batch-size``...); each also reads its env var."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("settings (each also read from SIM_PIPELINE_<NAME>)")
-    for f in dataclasses.fields(Settings):
+    for f in user_settings():
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             group.add_argument(flag, action="store_const", const=True,
@@ -54,12 +51,12 @@ def _settings_flags() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    names = {f.name for f in dataclasses.fields(Settings)}
+    names = {f.name for f in user_settings()}
     return load_settings({k: v for k, v in vars(args).items() if k in names})
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from sim_pipeline.pipeline import score_csv
+    from sim_pipeline.runners.pipeline import score_csv
 
     summary = score_csv(args.input, settings_from(args), args.output, progress=not args.quiet)
     print(summary.render())
@@ -67,27 +64,19 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from sim_pipeline.pipeline import fetch_csv
+    from sim_pipeline.runners.pipeline import fetch_csv
 
     print(fetch_csv(args.input, settings_from(args), progress=not args.quiet).render_fetch())
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from sim_pipeline import stages
+    from sim_pipeline.runners import dispatch as stages
 
     settings = settings_from(args)
     result = stages.run_stage(args.name, settings, input_path=args.input, chunk=args.chunk,
                               output=args.output)
     print(json.dumps(result, sort_keys=True))
-    return 0
-
-
-def cmd_random_model(args: argparse.Namespace) -> int:
-    from sim_pipeline.random_model import build_random_clip
-
-    path = build_random_clip(args.dest, shape=args.shape)
-    print(f"wrote a random-weight CLIP ({args.shape}) to {path}: its scores are meaningless")
     return 0
 
 
@@ -114,12 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--chunk", type=int, help="chunk index (per-chunk stages)")
     stage.add_argument("--output", help="scored CSV path (finalize only)")
     stage.set_defaults(handler=cmd_stage)
-
-    model = commands.add_parser(
-        "random-model", help="save a random-weight CLIP for offline trials (meaningless scores)")
-    model.add_argument("dest")
-    model.add_argument("--shape", choices=("tiny", "vit-b-32"), default="tiny")
-    model.set_defaults(handler=cmd_random_model)
 
     register_results(commands)
     return parser

@@ -39,7 +39,8 @@ def airflow_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "sim_airflow.sqlite_args.CONNECT_ARGS",
+        # SQLite waits up to 60 s for its write lock (the launcher's setting, bin/airflow_local.py)
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}?timeout=60",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "PYTHONPATH": str(REPO),
         "HF_HUB_OFFLINE": "1",  # the test model is a folder: nothing to ask the Hub

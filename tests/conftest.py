@@ -18,8 +18,8 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
-from sim_pipeline.config import Settings
-from sim_pipeline.random_model import build_random_clip
+from sim_pipeline.core.config import Settings
+from tests.support.random_model import build_random_clip
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -130,7 +130,7 @@ def pg_url() -> Iterator[str]:
     except sa.exc.OperationalError as error:
         pytest.fail(f"PostgreSQL must run on 127.0.0.1:5432 for these tests: {error}")
     yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    from sim_pipeline.results_db import _engine
+    from sim_pipeline.results.db import _engine
 
     _engine.cache_clear()
     with admin.connect() as conn:

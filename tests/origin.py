@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sim_pipeline.config import Settings
-from sim_pipeline.fetch import FetchStats, fetch_urls
-from sim_pipeline.layout import image_meta_key, sha256_hex
-from sim_pipeline.netguard import IPAddress, UnknownHost
-from sim_pipeline.store import LocalStore, read_json
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.layout import image_meta_key, sha256_hex
+from sim_pipeline.core.store import LocalStore, read_json
+from sim_pipeline.core.urls import IPAddress, UnknownHost
+from sim_pipeline.stages.fetch.loop import fetch_urls
+from sim_pipeline.stages.fetch.records import FetchStats
 
 HONEST = -1  # Reply.length: declare the real body length
 

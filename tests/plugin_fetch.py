@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sim_pipeline.config import Settings
+from sim_pipeline.core.config import Settings
 from tests.origin import Origin, is_loopback
 
 

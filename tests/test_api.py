@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from sim_pipeline import ScoredRow, score_pairs
-from sim_pipeline.config import Settings
+from sim_pipeline.core.config import Settings
 from tests.conftest import ImageServer
 from tests.pairs import serve_good_images
 

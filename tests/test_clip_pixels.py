@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sim_pipeline.clip_pixels import FastClipPixels, pixel_values_function
-from sim_pipeline.model import load_encoder
-from sim_pipeline.preprocess import decode_image
+from sim_pipeline.stages.decode import decode_image
+from sim_pipeline.stages.embed.model import load_encoder
+from sim_pipeline.stages.embed.pixels import FastClipPixels, pixel_values_function
 from tests.conftest import make_image
 
 SIZES = [(640, 480), (480, 640), (224, 224), (225, 224), (1000, 223), (50, 20), (1, 1),

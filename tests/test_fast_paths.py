@@ -11,9 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sim_pipeline.config import Settings
-from sim_pipeline.model import ClipEncoder, cpu_supports_bf16, load_encoder, resolve_precision
-from sim_pipeline.pipeline import score_csv
+from sim_pipeline.core.config import Settings
+from sim_pipeline.runners.pipeline import score_csv
+from sim_pipeline.stages.embed.model import (
+    ClipEncoder,
+    cpu_supports_bf16,
+    load_encoder,
+    resolve_precision,
+)
 from tests.conftest import ImageServer, make_image
 from tests.pairs import Case, serve_good_images, write_cases
 
@@ -100,7 +105,7 @@ def test_a_fully_cached_rerun_imports_neither_torch_nor_transformers(
 @pytest.mark.parametrize(("backend", "min_cosine"), [("onnx", 0.99999), ("onnx-int8", 0.99)])
 def test_onnx_backends_match_torch_fp32(tmp_path: Path, tiny_model: Path, backend: str,
                                         min_cosine: float) -> None:
-    from sim_pipeline.onnx_backend import load_onnx_encoder
+    from sim_pipeline.stages.embed.onnx_backend import load_onnx_encoder
 
     images = [Image.open(io.BytesIO(make_image(seed, size=(320, 240)))) for seed in range(6)]
     texts = [f"caption number {i} " + "word " * i for i in range(6)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import os
 import shutil
 import socket
 import ssl
@@ -18,15 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from sim_pipeline import errors
-from sim_pipeline.config import Settings
-from sim_pipeline.download import Downloader, Outcome
-from sim_pipeline.errors import UserError
-from sim_pipeline.fetch import fetch_all, fetch_chunk, fetch_processes
-from sim_pipeline.layout import ChunkRef, image_key
-from sim_pipeline.plan import normalise_row, write_chunks
-from sim_pipeline.preprocess import DecodeFailed, decode_image
-from sim_pipeline.store import LocalStore, S3Store, read_json
+from sim_pipeline.core import errors
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.layout import ChunkRef, image_key
+from sim_pipeline.core.store import LocalStore, S3Options, S3Store, read_json
+from sim_pipeline.stages.decode import DecodeFailed, decode_image
+from sim_pipeline.stages.fetch import workers
+from sim_pipeline.stages.fetch.chunk import fetch_all, fetch_chunk, fetch_processes
+from sim_pipeline.stages.fetch.download import Downloader, Outcome
+from sim_pipeline.stages.plan import normalise_row, write_chunks
 from tests.conftest import make_image
 from tests.origin import FakeDNS, Origin, Reply, fetch_one, fetch_records
 
@@ -474,16 +476,32 @@ def test_https_connects_to_the_checked_address_but_verifies_the_host_name(
         server.close()
 
 
-def test_a_failing_fetch_process_is_reported_and_the_next_chunk_still_runs(
+def test_a_store_error_in_a_fetch_process_is_raised_and_the_next_chunk_still_runs(
         origin: Origin, canary: Origin, fetch_settings: Settings, tmp_path: Path) -> None:
     urls = {_hash(u): u for u in [origin.add(f"/p/{i}.jpg", body=JPEG) for i in range(10)]}
     settings = fetch_settings.replace(fetch_processes=2)
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("a file where the store's folder should be")
-    with pytest.raises(RuntimeError, match="fetch worker process died"):
+    with pytest.raises(NotADirectoryError):
         fetch_all(urls, LocalStore(not_a_folder), settings, min_per_process=5)
     stats = fetch_all(urls, LocalStore(settings.store), settings, min_per_process=5)
     assert stats.ok == 10
+
+
+def test_a_fetch_process_that_dies_is_reported_and_the_next_chunk_still_runs(
+        origin: Origin, canary: Origin, fetch_settings: Settings) -> None:
+    urls = {_hash(u): u for u in [origin.add(f"/d/{i}.jpg", body=JPEG) for i in range(10)]}
+    settings = fetch_settings.replace(fetch_processes=2)
+
+    class DyingStore(LocalStore):
+        """Unpickled in the worker as a call that kills it."""
+
+        def __reduce__(self) -> tuple:
+            return os._exit, (3,)
+
+    with pytest.raises(RuntimeError, match="fetch worker process died"):
+        fetch_all(urls, DyingStore(settings.store), settings, min_per_process=5)
+    assert fetch_all(urls, LocalStore(settings.store), settings, min_per_process=5).ok == 10
 
 
 def test_a_user_error_in_a_fetch_process_reaches_the_caller(
@@ -495,13 +513,16 @@ def test_a_user_error_in_a_fetch_process_reaches_the_caller(
     for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{closed}", "AWS_MAX_ATTEMPTS": "1",
                         "AWS_EC2_METADATA_DISABLED": "true", "AWS_ACCESS_KEY_ID": "x",
                         "AWS_SECRET_ACCESS_KEY": "y"}.items():
-        monkeypatch.setenv(name, value)  # the worker sees the environment of the call
+        monkeypatch.setenv(name, value)  # AWS_MAX_ATTEMPTS: workers started from now on
+    workers.stop_all()
+    unreachable = S3Options(endpoint_url=f"http://127.0.0.1:{closed}", aws_access_key_id="x",
+                            aws_secret_access_key="y")
 
     class UnreachableS3(LocalStore):
-        """Pickled as an S3 store, which the worker then fails to open."""
+        """Pickled as an S3 store (with its options), which the worker then fails to open."""
 
         def __reduce__(self) -> tuple:
-            return S3Store, ("some-bucket", "")
+            return S3Store, ("some-bucket", "", unreachable)
 
     urls = {_hash(u): u for u in [origin.add(f"/u/{i}.jpg", body=JPEG) for i in range(10)]}
     with pytest.raises(UserError, match="Cannot reach the S3 endpoint"):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sim_pipeline import errors
-from sim_pipeline.preprocess import DecodeFailed, decode_image, inspect_image, sniff_image_format
+from sim_pipeline.core import errors
+from sim_pipeline.stages.decode import DecodeFailed, decode_image, inspect_image, sniff_image_format
 from tests.conftest import make_image
 
 

@@ -7,19 +7,18 @@ import ipaddress
 
 import pytest
 
-from sim_pipeline import errors
-from sim_pipeline.config import Settings, load_settings
-from sim_pipeline.download import backoff, parse_retry_after, robots_opt_out, url_problem
-from sim_pipeline.errors import UserError
-from sim_pipeline.netguard import (
-    AddressGuard,
+from sim_pipeline.core import errors
+from sim_pipeline.core.config import Settings, load_settings
+from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.urls import (
     AllowEntry,
-    BlockedAddress,
     UnknownHost,
-    is_blocked,
     parse_allowlist,
     parse_ip_literal,
+    url_problem,
 )
+from sim_pipeline.stages.fetch.download import backoff, parse_retry_after, robots_opt_out
+from sim_pipeline.stages.fetch.guard import AddressGuard, BlockedAddress, is_blocked
 from tests.origin import FakeDNS
 
 BLOCKED = [

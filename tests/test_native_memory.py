@@ -7,7 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sim_pipeline.native_memory import checkpoint_mappings, drop_mapped_pages, return_free_memory
+from sim_pipeline.stages.embed.native_memory import (
+    checkpoint_mappings,
+    drop_mapped_pages,
+    return_free_memory,
+)
 
 SIZE = 32 * 2**20
 

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from sim_pipeline import score_pairs
-from sim_pipeline.config import Settings
+from sim_pipeline.core.config import Settings
 from tests.conftest import ImageServer
 from tests.pairs import serve_good_images
 

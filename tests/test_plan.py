@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from sim_pipeline import cli
-from sim_pipeline.config import Settings
-from sim_pipeline.plan import plan_csv, read_chunk_rows
-from sim_pipeline.store import LocalStore
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.store import LocalStore
+from sim_pipeline.stages.plan import plan_csv, read_chunk_rows
 
 
 def write(path: Path, text: str) -> Path:

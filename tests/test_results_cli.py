@@ -13,13 +13,10 @@ import pytest
 import sqlalchemy as sa
 
 from sim_pipeline import cli
-from sim_pipeline.config import Settings
-from sim_pipeline.layout import image_meta_key
-from sim_pipeline.report import write_report
-from sim_pipeline.results_db import ResultsDB, scoring_runs
-from sim_pipeline.results_query import stage_times
-from sim_pipeline.store import open_store, read_json, write_json
-from tests.conftest import ImageServer
+from sim_pipeline.core.config import Settings
+from sim_pipeline.results.db import ResultsDB, scoring_runs
+from sim_pipeline.results.query import stage_times
+from tests.conftest import ImageServer, Route, make_image
 from tests.pairs import Case, mixed_cases, read_csv, serve_good_images, write_cases
 from tests.test_results_storage import chunk_rows
 from tests.test_score_cli import score
@@ -286,25 +283,23 @@ def test_report_is_one_self_contained_page(
         assert f"<code>{code}</code>" in text
     for stage in ("plan", "fetch-images", "embed-images", "embed-texts", "join-score"):
         assert f"<td>{stage}</td>" in text
-    assert "no per-URL fetch time" in text  # the image records carry none (yet)
+    assert "<td>127.0.0.1</td>" in text  # the fetcher recorded each URL's fetch time
 
 
-def test_report_shows_the_slowest_hosts_when_image_records_have_fetch_times(
-        scored: Scored, pg_url: str, tmp_path: Path) -> None:
-    store = open_store(scored.settings.store)
-    engine = sa.create_engine(pg_url)
-    with engine.connect() as conn:
-        hashes = conn.execute(sa.text(
-            "SELECT DISTINCT url_hash FROM similarity_scores WHERE run_id = :r "
-            "AND url_hash IS NOT NULL"), {"r": RUN}).scalars().all()
-    engine.dispose()
-    for url_hash in hashes:
-        if store.exists(image_meta_key(url_hash)):
-            record = read_json(store, image_meta_key(url_hash))
-            write_json(store, image_meta_key(url_hash), {**record, "seconds": 0.25})
-    page = write_report(RUN, scored.settings, tmp_path / "hosts.html")
-    text = page.read_text(encoding="utf-8")
-    assert "<td>127.0.0.1</td>" in text and "0.25 s" in text
+def test_report_ranks_hosts_by_the_fetch_times_the_fetcher_recorded(
+        tmp_path: Path, settings: Settings, image_server: ImageServer) -> None:
+    slow = image_server.add("/hosts/slow.jpg", Route(body=make_image(900), delay=0.4))
+    image_server.add("/hosts/fast.jpg", Route(body=make_image(901)))
+    fast = f"http://localhost:{image_server.port}/hosts/fast.jpg"
+    source = write_cases(tmp_path / "pairs.csv", [Case(slow, "slow", None),
+                                                  Case(fast, "fast", None)])
+    both_hosts = f"{image_server.allow_hosts},localhost:{image_server.port}"
+    assert score(source, settings.replace(allow_hosts=both_hosts)) == 0
+    text = (tmp_path / "pairs_scored_report.html").read_text(encoding="utf-8")
+    hosts = re.findall(r'<tr><td>([^<]+)</td><td class="n">1</td><td class="n">([0-9.]+) s</td>',
+                       text)
+    assert [host for host, _ in hosts] == ["127.0.0.1", "localhost"]
+    assert float(hosts[0][1]) >= 0.4 > float(hosts[1][1])
 
 
 def test_the_database_password_is_never_printed(

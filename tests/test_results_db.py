@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from sim_pipeline.config import Settings
-from sim_pipeline.results_db import ResultsDB, apply_schema, masked, schema_files
+from sim_pipeline.core.config import Settings
+from sim_pipeline.results.db import ResultsDB, apply_schema, masked, schema_files
 from tests.conftest import ImageServer
 from tests.pairs import Case, mixed_cases, serve_good_images, write_cases
 from tests.test_score_cli import score

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from sim_pipeline.layout import sha256_hex
-from sim_pipeline.results_db import (
+from sim_pipeline.core.layout import sha256_hex
+from sim_pipeline.results.db import (
     ResultsDB,
     _engine,
     apply_schema,
@@ -29,7 +29,7 @@ from sim_pipeline.results_db import (
     scoring_runs,
     similarity_scores,
 )
-from sim_pipeline.results_query import (
+from sim_pipeline.results.query import (
     delete_runs,
     get_run,
     latest_scores,

@@ -9,12 +9,12 @@ import uuid
 import boto3
 import pytest
 
-from sim_pipeline.config import Settings
-from sim_pipeline.errors import UserError
-from sim_pipeline.fetch import fetch_chunk
-from sim_pipeline.layout import ChunkRef, image_key, image_meta_key
-from sim_pipeline.plan import normalise_row, write_chunks
-from sim_pipeline.store import IntegrityError, S3Store, open_store, read_json
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.layout import ChunkRef, image_key, image_meta_key
+from sim_pipeline.core.store import IntegrityError, S3Store, open_store, read_json
+from sim_pipeline.stages.fetch.chunk import fetch_chunk
+from sim_pipeline.stages.plan import normalise_row, write_chunks
 from tests.conftest import make_image
 from tests.origin import Origin
 from tests.seaweed import SeaweedFS

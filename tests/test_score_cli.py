@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from sim_pipeline import cli, embed
-from sim_pipeline.config import Settings
+from sim_pipeline import cli
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.layout import EMBED_TEXTS
+from sim_pipeline.runners.lifecycle import CHUNK_STAGES
 from tests.conftest import ImageServer
 from tests.pairs import Case, mixed_cases, read_csv, serve_good_images, write_cases
 
@@ -115,20 +117,20 @@ def test_a_crash_halfway_is_completed_by_a_rerun(
     urls = serve_good_images(image_server, 12, prefix="crash")
     source = write_cases(tmp_path / "pairs.csv",
                          [Case(u, f"caption {i}", None) for i, u in enumerate(urls)])
-    real = embed.embed_texts_chunk
+    real = CHUNK_STAGES[EMBED_TEXTS]
 
-    def crash_on_second_chunk(chunk, store, settings):  # noqa: ANN001, ANN202
+    def crash_on_second_chunk(chunk, store, settings, results):  # noqa: ANN001, ANN202
         if chunk.index == 1:
             raise RuntimeError("simulated crash")
-        return real(chunk, store, settings)
+        return real(chunk, store, settings, results)
 
-    monkeypatch.setattr("sim_pipeline.pipeline.embed_texts_chunk", crash_on_second_chunk)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, crash_on_second_chunk)
     with pytest.raises(RuntimeError, match="simulated crash"):
         score(source, settings, "--chunk-size", "5")
     assert not (tmp_path / "pairs_scored.csv").exists()
     fetched = image_server.total_requests()
 
-    monkeypatch.setattr("sim_pipeline.pipeline.embed_texts_chunk", real)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, real)
     assert score(source, settings, "--chunk-size", "5") == 0
     output = read_csv(tmp_path / "pairs_scored.csv")
     assert len(output) == 13 and all(row[-1] == "" for row in output[1:])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sim_pipeline.errors import UserError
-from sim_pipeline.store import IntegrityError, LocalStore, open_store
+from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.store import IntegrityError, LocalStore, open_store
 
 
 def run_together(count: int, work: object) -> None:

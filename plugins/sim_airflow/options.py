@@ -1,8 +1,12 @@
 """The DAG's Airflow-side knobs, its trigger form, pools and retry policy.
 
-Each knob is ``SIM_PIPELINE_<NAME>`` from the environment, else the Airflow Variable of that very
-name, else a default: env vars suit deployments, Variables suit changing a running Airflow from the
-UI. The DAG file imports this module at parse time, so it imports nothing heavy.
+Each knob is the plain environment variable ``SIM_PIPELINE_<NAME>`` of the process that parses the
+DAG file or runs the task, read here and nowhere else; unset or empty means the default. They are
+deployment settings, set where Airflow's components are started (the scheduler, dag-processor and
+workers alike), not Airflow Variables: the DAG file reads ``SCHEDULE``, ``EXECUTION`` and ``POD`` at
+parse time, and reading the metadata database or a secrets backend there would slow every parse.
+The DAG file imports this module at parse time, so it imports nothing heavy: no ``sim_pipeline``,
+no torch.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import os
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import Param, Variable
+from airflow.sdk import Param
 
 from sim_airflow.pools import FETCH_POOL, GPU_POOL
 
 DEFAULT_SCHEDULE = "0 2 * * *"
 DEFAULT_NIGHTLY_INPUT = "{store}/incoming/{{{{ ds }}}}.csv"
+DEFAULT_STORE_CONN_ID = "sim_pipeline_store"
+DEFAULT_RESULTS_CONN_ID = "sim_pipeline_results"
 EXECUTIONS = ("local", "kubernetes")
 
 # Every task reads or writes the store and the results database, so every task may retry; waits
@@ -29,9 +35,8 @@ INFERENCE: dict[str, Any] = {"pool": GPU_POOL}
 
 
 def option(name: str, default: str | None = None) -> str | None:
-    """``SIM_PIPELINE_<NAME>`` from the environment, else that Airflow Variable, else default."""
-    key = f"SIM_PIPELINE_{name}"
-    return os.environ.get(key) or Variable.get(key, default=None) or default
+    """The environment variable ``SIM_PIPELINE_<NAME>``, else ``default`` when unset or empty."""
+    return os.environ.get(f"SIM_PIPELINE_{name}") or default
 
 
 def schedule() -> str | None:
@@ -41,24 +46,33 @@ def schedule() -> str | None:
 
 
 def execution() -> str:
-    """``local`` runs the GPU stages in-process; ``kubernetes`` runs them as pods."""
+    """``SIM_PIPELINE_EXECUTION``: ``local`` (the default) runs the GPU stages in-process on the
+    Airflow workers; ``kubernetes`` runs them as pods."""
     value = (option("EXECUTION", "local") or "local").strip().lower()
     if value not in EXECUTIONS:
         raise ValueError(f"SIM_PIPELINE_EXECUTION={value!r} is not one of {', '.join(EXECUTIONS)}.")
     return value
 
 
+def pod_settings_json() -> str | None:
+    """``SIM_PIPELINE_POD``: a JSON object of the GPU pods' settings (``sim_airflow.pods``)."""
+    return option("POD")
+
+
 def nightly_input(store: str) -> str:
-    """The input path template of runs without ``csv_path``, rendered with the run's context."""
+    """``SIM_PIPELINE_NIGHTLY_INPUT``, the input path template of runs without ``csv_path``
+    (rendered with the run's context); by default ``<store>/incoming/{{ ds }}.csv``."""
     return option("NIGHTLY_INPUT") or DEFAULT_NIGHTLY_INPUT.format(store=store.rstrip("/"))
 
 
 def store_conn_id() -> str:
-    return option("STORE_CONN_ID", "sim_pipeline_store") or "sim_pipeline_store"
+    """``SIM_PIPELINE_STORE_CONN_ID``: the aws connection of the store and s3:// files."""
+    return option("STORE_CONN_ID") or DEFAULT_STORE_CONN_ID
 
 
 def results_conn_id() -> str:
-    return option("RESULTS_CONN_ID", "sim_pipeline_results") or "sim_pipeline_results"
+    """``SIM_PIPELINE_RESULTS_CONN_ID``: the postgres connection of the results database."""
+    return option("RESULTS_CONN_ID") or DEFAULT_RESULTS_CONN_ID
 
 
 def params() -> dict[str, Param]:

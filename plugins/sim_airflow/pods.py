@@ -2,17 +2,17 @@
 
 With ``SIM_PIPELINE_EXECUTION=kubernetes``, ``embed_images`` and ``embed_texts`` run one pod per
 chunk: ``sim-pipeline stage embed-images --run-id R --chunk I ...``, with one ``nvidia.com/gpu`` in
-requests and limits. ``SIM_PIPELINE_POD`` (env var or Airflow Variable), a JSON object, overrides
-``PodSettings``' fields. Credentials reach the pod as env vars from a Kubernetes Secret (keys such
-as SIM_PIPELINE_DATABASE_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3), never
-through Airflow; only the non-secret store URI, model and precision travel as flags.
+requests and limits. ``SIM_PIPELINE_POD`` (an environment variable, see ``sim_airflow.options``), a
+JSON object, overrides ``PodSettings``' fields. Credentials reach the pod as env vars from a
+Kubernetes Secret (keys such as SIM_PIPELINE_DATABASE_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL_S3), never through Airflow; only the non-secret store URI,
+model and precision travel as flags, as the library's ``load_settings`` sees them on the worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +20,9 @@ from typing import Any
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s
 
-from sim_airflow.options import option
+from sim_airflow.options import pod_settings_json
 from sim_airflow.pools import GPU_POOL
+from sim_airflow.tasks import task_id
 
 GPU = "nvidia.com/gpu"
 
@@ -82,12 +83,14 @@ SHARED_SETTINGS = ("store", "model", "precision")
 
 def stage_arguments(chunk: Mapping[str, Any], model: str | None) -> list[str]:
     """The chunk, plus the store, model and precision the Airflow workers use for this run (the
-    run's ``model`` param, else their ``SIM_PIPELINE_*``), so pod and workers agree on keys."""
+    run's ``model`` param, else their ``SIM_PIPELINE_*`` settings), so pod and workers agree on
+    keys. Called on the worker that launches the pod, when the task runs: never at parse time."""
+    from sim_pipeline.core.config import load_settings
+
+    settings = load_settings({"model": model or None})
     arguments = ["--run-id", str(chunk["run_id"]), "--chunk", str(chunk["index"])]
-    shared = {name: os.environ.get(f"SIM_PIPELINE_{name.upper()}") for name in SHARED_SETTINGS}
-    shared["model"] = model or shared["model"]
-    for name, value in shared.items():
-        arguments += [f"--{name}", value] if value else []
+    for name in SHARED_SETTINGS:
+        arguments += [f"--{name}", str(getattr(settings, name))]
     return arguments
 
 
@@ -118,7 +121,7 @@ class GpuPodStage:
 
     @property
     def task_id(self) -> str:
-        return self.stage.replace("-", "_")
+        return task_id(self.stage)
 
     def expand(self, *, chunk: Any) -> Any:
         partial = StagePodOperator.partial(
@@ -128,4 +131,5 @@ class GpuPodStage:
 
 
 def gpu_pod(stage: str) -> GpuPodStage:
-    return GpuPodStage(stage, PodSettings.from_json(option("POD")))
+    """The stage as one pod per chunk, placed as ``SIM_PIPELINE_POD`` says."""
+    return GpuPodStage(stage, PodSettings.from_json(pod_settings_json()))

@@ -1,8 +1,9 @@
-"""What a task does around its library stage; the stages in ``sim_pipeline.stages`` do the work.
+"""What a task does around its library stage; ``sim_pipeline.runners.dispatch`` does the work.
 
 This module only adapts them to Airflow: the run id is Airflow's run id, runs without ``csv_path``
 read the nightly input of their logical date (and skip when it is missing), s3:// inputs and outputs
-travel through the aws connection, and the plan never needs more mapped tasks than Airflow allows.
+travel through the aws connection (the amazon provider's ``S3Hook``; the library's store gets the
+same connection as ``Settings.s3``), and the plan never needs more mapped tasks than Airflow allows.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from airflow.sdk import Context, get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from sim_airflow.options import nightly_input
-from sim_airflow.settings import s3_conn_id, store_credentials, task_settings
+from sim_airflow.settings import s3_conn_id, task_settings
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    from sim_pipeline.config import Settings
+    from sim_pipeline.core.config import Settings
 
 log = logging.getLogger(__name__)
 Chunk = dict[str, Any]
@@ -99,7 +100,7 @@ def fit_chunk_size(rows: int, chunk_size: int, max_chunks: int) -> int:
 
 
 def count_rows(path: Path, settings: Settings) -> int:
-    from sim_pipeline.plan import read_rows
+    from sim_pipeline.stages.plan import read_rows
 
     *_, rows = read_rows(path, settings)
     return sum(1 for _ in rows)
@@ -107,24 +108,23 @@ def count_rows(path: Path, settings: Settings) -> int:
 
 def plan_run() -> list[Chunk]:
     """Plan the run's input into chunks and open the run, keyed by the Airflow run id."""
-    from sim_pipeline import stages
+    from sim_pipeline.runners import dispatch as stages
 
     context = get_current_context()
     settings = task_settings(context["params"], run_id=context["run_id"])
-    with store_credentials():
-        location = input_location(context, settings)
-        check_input(location, context)
-        with local_copy(location) as path:
-            rows = count_rows(path, settings)
-            if rows == 0:
-                raise AirflowSkipException(f"Input {location} has a header but no rows: "
-                                           "nothing to score.")
-            chunk_size = fit_chunk_size(rows, settings.chunk_size, max_map_length())
-            if chunk_size != settings.chunk_size:
-                log.warning("Input %s has %d rows: chunk size grown from %d to %d so the run "
-                            "stays within max_map_length=%d mapped tasks.", location, rows,
-                            settings.chunk_size, chunk_size, max_map_length())
-            planned = stages.plan(settings.replace(chunk_size=chunk_size), path, source=location)
+    location = input_location(context, settings)
+    check_input(location, context)
+    with local_copy(location) as path:
+        rows = count_rows(path, settings)
+        if rows == 0:
+            raise AirflowSkipException(f"Input {location} has a header but no rows: "
+                                       "nothing to score.")
+        chunk_size = fit_chunk_size(rows, settings.chunk_size, max_map_length())
+        if chunk_size != settings.chunk_size:
+            log.warning("Input %s has %d rows: chunk size grown from %d to %d so the run "
+                        "stays within max_map_length=%d mapped tasks.", location, rows,
+                        settings.chunk_size, chunk_size, max_map_length())
+        planned = stages.plan(settings.replace(chunk_size=chunk_size), path, source=location)
     log.info("Run %s: %d rows of %s in %d chunks of up to %d rows.", planned["run_id"],
              planned["rows"], location, len(planned["chunks"]), chunk_size)
     return planned["chunks"]
@@ -132,11 +132,10 @@ def plan_run() -> list[Chunk]:
 
 def run_stage(stage: str, chunk: Mapping[str, Any]) -> dict[str, Any]:
     """One per-chunk stage (``fetch-images``, ``embed-images``, ...) on the chunk described."""
-    from sim_pipeline import stages
+    from sim_pipeline.runners import dispatch as stages
 
     settings = task_settings(get_current_context()["params"], run_id=chunk["run_id"])
-    with store_credentials():
-        result = stages.PER_CHUNK[stage](settings, int(chunk["index"]))
+    result = stages.chunk_stage(stage, settings, int(chunk["index"]))
     log.info("%s, chunk %s of run %s (%s rows): %s", stage, chunk["index"], chunk["run_id"],
              chunk["rows"], result)
     return result
@@ -146,7 +145,7 @@ def default_output(location: str) -> str | None:
     """``<input>_scored.csv`` beside an s3:// input; None lets the library place a local one."""
     if not is_s3(location):
         return None
-    from sim_pipeline.finalize import default_output_path
+    from sim_pipeline.stages.finalize import default_output_path
 
     bucket, key = split_s3(location)
     return f"s3://{bucket}/{default_output_path(PurePosixPath(key)).as_posix()}"
@@ -154,7 +153,7 @@ def default_output(location: str) -> str | None:
 
 def write_output(settings: Settings, output: str | None) -> dict[str, Any]:
     """Finalize to a local path, or to a temporary file uploaded to an s3:// output."""
-    from sim_pipeline import stages
+    from sim_pipeline.runners import dispatch as stages
 
     if output is None or not is_s3(output):
         return stages.finalize(settings, output)
@@ -172,9 +171,8 @@ def finalize_run(scored: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     context = get_current_context()
     params = context["params"]
     settings = task_settings(params, run_id=context["run_id"])
-    with store_credentials():
-        output = params.get("output_path") or default_output(input_location(context, settings))
-        result = write_output(settings, output)
+    output = params.get("output_path") or default_output(input_location(context, settings))
+    result = write_output(settings, output)
     counts = scored[:]  # one request for every chunk's counts, not one per chunk
     ok = sum(c["ok"] for c in counts)
     log.info("Run %s finished: %d rows, %d scored, %d with an error code; scored CSV at %s.",

@@ -1,0 +1,94 @@
+"""Where each stage's inputs and outputs live in the object store.
+
+All keys are deterministic functions of the run, the chunk and the model, which is what makes every
+stage idempotent: a stage whose output key exists has already done its work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# The stages in pipeline order, by the names the CLI, the runners, the results table and the
+# report use. Per-chunk stages are the ones between the first and the last.
+PLAN, FETCH_IMAGES, EMBED_IMAGES, EMBED_TEXTS, JOIN_SCORE, FINALIZE = STAGES = (
+    "plan", "fetch-images", "embed-images", "embed-texts", "join-score", "finalize")
+PER_CHUNK_STAGES = STAGES[1:-1]
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def caption_hash(caption: str) -> str:
+    """What keys a caption's vector: its exact text."""
+    return sha256_hex(caption)
+
+
+def image_key(url_hash: str) -> str:
+    return f"images/{url_hash[:2]}/{url_hash}"
+
+
+def image_meta_key(url_hash: str) -> str:
+    return f"{image_key(url_hash)}.json"
+
+
+def plan_prefix(run_id: str, input_digest: str) -> str:
+    """A run's plan lives under its input's digest: a changed input never meets stale chunks."""
+    return f"runs/{run_id}/{input_digest}"
+
+
+def manifest_key(run_id: str, input_digest: str) -> str:
+    return f"{plan_prefix(run_id, input_digest)}/manifest.json"
+
+
+def current_plan_key(run_id: str) -> str:
+    """Points at the run's newest plan, for runners that know only the run id."""
+    return f"runs/{run_id}/current.json"
+
+
+def model_tag(model: str, variant: str) -> str:
+    """A short, path-safe name for (model, precision or backend): embeddings differ by both."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/").split("/")[-1])[:40]
+    return f"{slug}-{sha256_hex(model)[:8]}-{variant}"
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """A small descriptor of one chunk; safe to pass through Airflow XCom."""
+
+    run_id: str
+    input_digest: str
+    index: int
+    first_row: int
+    rows: int
+
+    @property
+    def prefix(self) -> str:
+        return f"{plan_prefix(self.run_id, self.input_digest)}/chunks/{self.index:05d}"
+
+    @property
+    def rows_key(self) -> str:
+        return f"{self.prefix}/rows.jsonl"
+
+    @property
+    def fetch_key(self) -> str:
+        return f"{self.prefix}/fetch.json"
+
+    def image_embeddings_key(self, tag: str) -> str:
+        return f"{self.prefix}/image-embeddings.{tag}"
+
+    def text_embeddings_key(self, tag: str) -> str:
+        return f"{self.prefix}/text-embeddings.{tag}"
+
+    def results_key(self, tag: str) -> str:
+        return f"{self.prefix}/results.{tag}.jsonl"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChunkRef:
+        return cls(**{k: data[k] for k in ("run_id", "input_digest", "index", "first_row", "rows")})

@@ -1,0 +1,282 @@
+"""``sim-pipeline results ...``: look at the results table from a terminal.
+
+    results runs                          the newest runs, one line each
+    results show RUN_ID [--errors]        one run: summary and its first rows
+    results export RUN_ID -o FILE         the run's scored CSV (or .parquet), from the database
+    results query --url URL | --caption T the newest score of an image or a caption, per model
+    results prune --older-than 90d        delete old runs (a dry run unless --yes)
+    results report RUN_ID -o FILE.html    a one-page HTML report
+
+Exit status: 0 done, 1 a query that found nothing, 2 a problem the user can fix (unknown run,
+unreachable database; one sentence on stderr). The database URL is shown without its password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sim_pipeline.core.config import load_settings
+
+if TYPE_CHECKING:
+    from sim_pipeline.results.db import ResultsDB
+
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+UNITS = {"s": "seconds", "m": "minutes", "min": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def duration(text: str) -> timedelta:
+    """``90d``, ``12h``, ``30m``, ``45s``, ``2w``."""
+    match = DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; write e.g. 90d, 12h, 30m or 2w")
+    return timedelta(**{UNITS[match.group(2).lower()]: float(match.group(1))})
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the ``results`` command group to the ``sim-pipeline`` parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--database-url", help="SQLAlchemy URL of the results database "
+                        "(default: SIM_PIPELINE_DATABASE_URL)")
+    stale = argparse.ArgumentParser(add_help=False)
+    stale.add_argument("--stale-after", type=duration, default=None, metavar="DURATION",
+                       help="a running run with no heartbeat for this long shows as stale "
+                            "(default 30m)")
+
+    results = commands.add_parser("results", help="look at the results table: runs, scores, "
+                                  "exports, reports",
+                                  description="Look at the results table from a terminal.")
+    sub = results.add_subparsers(dest="results_command", required=True, metavar="COMMAND")
+
+    runs = sub.add_parser("runs", parents=[common, stale], help="list the newest runs")
+    runs.add_argument("--limit", type=positive, default=20, help="runs shown (default 20)")
+    runs.set_defaults(handler=cmd_runs)
+
+    show = sub.add_parser("show", parents=[common, stale], help="one run and its first rows")
+    show.add_argument("run", metavar="RUN_ID")
+    show.add_argument("--errors", action="store_true", help="only rows with an error")
+    show.add_argument("--limit", type=positive, default=20, help="rows shown (default 20)")
+    show.set_defaults(handler=cmd_show)
+
+    export = sub.add_parser("export", parents=[common],
+                            help="write a run's scored CSV (or .parquet) from the database")
+    export.add_argument("run", metavar="RUN_ID")
+    export.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="FILE.csv (the run's delimiter) or FILE.parquet")
+    export.set_defaults(handler=cmd_export)
+
+    query = sub.add_parser("query", parents=[common],
+                           help="the newest scores of an image URL or a caption")
+    what = query.add_mutually_exclusive_group(required=True)
+    what.add_argument("--url", help="an image URL (as in the input, surrounding spaces ignored)")
+    what.add_argument("--caption", help="a caption (exact text, surrounding spaces ignored)")
+    query.add_argument("--model", help="only this model id or path")
+    query.add_argument("--limit", type=positive, default=20, help="rows shown (default 20)")
+    query.set_defaults(handler=cmd_query)
+
+    prune = sub.add_parser("prune", parents=[common],
+                           help="delete runs last active before a cutoff (dry run unless --yes)")
+    prune.add_argument("--older-than", type=duration, required=True, metavar="DURATION",
+                       help="e.g. 90d: runs with no activity for this long")
+    prune.add_argument("--yes", action="store_true", help="really delete them")
+    prune.set_defaults(handler=cmd_prune)
+
+    report = sub.add_parser("report", parents=[common, stale],
+                            help="write a one-page HTML report of a run")
+    report.add_argument("run", metavar="RUN_ID")
+    report.add_argument("-o", "--output", metavar="FILE.html",
+                        help="default: <RUN_ID>_report.html in the current folder")
+    report.add_argument("--store", help="object store with the image records (fetch times); "
+                        "default: SIM_PIPELINE_STORE")
+    report.set_defaults(handler=cmd_report)
+
+
+def _db(args: argparse.Namespace) -> ResultsDB:
+    from sim_pipeline.results.db import ResultsDB
+
+    return ResultsDB(load_settings({"database_url": args.database_url}).database_url)
+
+
+def _stale_after(args: argparse.Namespace) -> timedelta:
+    from sim_pipeline.results.query import DEFAULT_STALE_AFTER
+
+    return args.stale_after or DEFAULT_STALE_AFTER
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]],
+          numeric: Sequence[int] = (), whole: Sequence[int] = (0,), widest: int = 48) -> str:
+    """A plain terminal table: padded columns, numbers right-aligned, long text cut with '…'
+    (except in the ``whole`` columns: ids people copy).
+
+    Whitespace inside a cell becomes one space and an empty cell shows '-', so the columns split
+    on runs of two spaces (``awk -F '  +'``).
+    """
+    def cell(i: int, value: object) -> str:
+        text = " ".join(str("" if value is None else value).split()) or "-"
+        return text if len(text) <= widest or i in whole else text[:widest - 1] + "…"
+
+    cells = [[cell(i, v) for i, v in enumerate(row)] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if i in numeric else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths, strict=True))).rstrip()
+
+    return "\n".join([line(list(headers)), *(line(r) for r in cells)])
+
+
+def _count(n: int | None) -> str | None:
+    return None if n is None else f"{n:,}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {word}s"
+
+
+def _when(moment: datetime | None) -> str:
+    return "" if moment is None else moment.strftime("%Y-%m-%d %H:%M")
+
+
+def _short_model(model: str) -> str:
+    return model.rstrip("/").split("/")[-1] if "/" in model and Path(model).is_absolute() \
+        else model
+
+
+def _similarity(value: float | None) -> str | None:
+    return None if value is None else f"{value:.4f}"
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from sim_pipeline.results.query import list_runs, now_utc
+    from sim_pipeline.results.report import human_duration
+
+    db, now, stale_after = _db(args), now_utc(), _stale_after(args)
+    found = list_runs(db, args.limit)
+    if not found:
+        print(f"no runs yet in {db.shown_url}")
+        return 0
+    rows = [[r.run_id, Path(r.source).name, _short_model(r.model), _when(r.started_at),
+             human_duration(r.duration(now, stale_after)), _count(r.rows_total),
+             _count(r.rows_ok), _count(r.rows_error), r.state(now, stale_after)] for r in found]
+    print(table(["RUN", "SOURCE", "MODEL", "STARTED (UTC)", "DURATION", "ROWS", "OK", "ERRORS",
+                 "STATUS"], rows, numeric=(4, 5, 6, 7)))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from sim_pipeline.results.query import error_counts, get_run, now_utc, run_rows
+    from sim_pipeline.results.report import human_duration
+
+    db, now, stale_after = _db(args), now_utc(), _stale_after(args)
+    run = get_run(db, args.run)
+    ok, failed = run.rows_ok or 0, run.rows_error or 0
+    share = "" if run.scored_share is None else f" ({run.scored_share:.1%} scored)"
+    codes = ", ".join(f"{code} {n:,}" for code, n in error_counts(db, run.run_id)) or "none"
+    state, took = run.state(now, stale_after), human_duration(run.duration(now, stale_after))
+    timing = {"running": f"running for {took}",
+              "stale": f"no heartbeat since {_when(run.last_activity)} UTC"}.get(state,
+                                                                              f"took {took}")
+    print("\n".join([
+        f"run       {run.run_id}",
+        f"source    {run.source}",
+        f"model     {run.model}",
+        f"status    {state}: started {_when(run.started_at)} UTC, {timing}",
+        f"rows      {_count(run.rows_total)}: {ok:,} scored, {failed:,} errors{share}",
+        f"errors    {codes}",
+        "",
+    ]))
+    rows = run_rows(db, run.run_id, errors_only=args.errors, limit=args.limit)
+    matched = failed if args.errors else ok + failed
+    if not rows:
+        print("no rows with an error" if args.errors else "no rows written yet")
+        return 0
+    print(table(["ROW", "SIMILARITY", "ERROR", "IMAGE URL", "CAPTION"],
+                [[r.row_number, _similarity(r.similarity), r.error, r.image_url, r.caption]
+                 for r in rows], numeric=(0, 1)))
+    if matched > len(rows):
+        print(f"\nshowing {len(rows)} of {matched:,} {'failed ' if args.errors else ''}rows; "
+              "--limit N shows more")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sim_pipeline.results.export import export_run
+
+    done = export_run(_db(args), args.run, args.output)
+    if done.reduced:
+        print(f"note: run {done.run.run_id} was written before the database kept its input "
+              "columns; exported image_url and caption only", file=sys.stderr)
+    if done.run.rows_total is not None and done.rows != done.run.rows_total:
+        print(f"note: run {done.run.run_id} has {done.rows} of its {done.run.rows_total} rows "
+              f"(status {done.run.status})", file=sys.stderr)
+    print(f"wrote {_plural(done.rows, 'row')} of run {done.run.run_id} to {done.path}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from sim_pipeline.core.layout import caption_hash, sha256_hex
+    from sim_pipeline.results.query import latest_scores
+
+    if args.url is not None:
+        found = latest_scores(_db(args), url_hash=sha256_hex(args.url.strip()),
+                              model=args.model, limit=args.limit)
+        other, name = "CAPTION", "caption"
+    else:
+        found = latest_scores(_db(args), caption_hash=caption_hash(args.caption.strip()),
+                              model=args.model, limit=args.limit)
+        other, name = "IMAGE URL", "image_url"
+    if not found:
+        print(f"no scores for that {'URL' if args.url is not None else 'caption'}",
+              file=sys.stderr)
+        return 1
+    print(table(["SIMILARITY", "ERROR", "MODEL", "RUN", "SCORED (UTC)", other],
+                [[_similarity(s.similarity), s.error, _short_model(s.model), s.run_id,
+                  _when(s.scored_at), getattr(s, name)] for s in found], numeric=(0,),
+                whole=(3,)))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from sim_pipeline.results.query import delete_runs, now_utc, prunable_runs
+
+    db, now = _db(args), now_utc()
+    cutoff = _when(now - args.older_than) + " UTC"
+    found = prunable_runs(db, args.older_than, now)
+    if not found:
+        print(f"no runs last active before {cutoff}; nothing to delete")
+        return 0
+    rows = sum(n for _, n in found)
+    print(table(["RUN", "STATUS", "LAST ACTIVE (UTC)", "ROWS"],
+                [[r.run_id, r.status, _when(r.last_activity), _count(n)] for r, n in found],
+                numeric=(3,)))
+    if not args.yes:
+        print(f"\ndry run: would delete {_plural(len(found), 'run')} ({_plural(rows, 'row')}) "
+              f"last active before {cutoff}; add --yes to delete them")
+        return 0
+    deleted = delete_runs(db, [r.run_id for r, _ in found])
+    print(f"\ndeleted {_plural(len(found), 'run')} ({_plural(deleted, 'row')}) last active "
+          f"before {cutoff}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sim_pipeline.results.report import write_report
+
+    settings = load_settings({"database_url": args.database_url, "store": args.store})
+    path = write_report(args.run, settings, args.output or f"{args.run}_report.html",
+                        stale_after=_stale_after(args))
+    print(f"wrote the report of run {args.run} to {path}")
+    return 0

@@ -1,0 +1,309 @@
+"""The results table people query: schema, run bookkeeping and per-chunk upserts.
+
+PostgreSQL is the production target, SQLite the embedded default. Each chunk's rows are upserted
+in one transaction keyed by (run_id, row_number), so a retried chunk replaces its rows instead of
+duplicating them, and a killed writer leaves the whole chunk or none of it. On PostgreSQL the rows
+go in by binary COPY after a delete of the same keys, under a per-run advisory lock; elsewhere by
+an ``executemany`` of ``INSERT ... ON CONFLICT DO UPDATE``. What people read back (runs, exports,
+reports) is in ``results_query``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from sim_pipeline.core.errors import UserError
+
+# Numbered DDL files shipped inside the package (read as package data, so a wheel has them too).
+MIGRATIONS = resources.files("sim_pipeline.results") / "migrations"
+MIGRATION_NAME = re.compile(r"^[0-9]{3}_[A-Za-z0-9_]+(\.[a-z]+)?\.sql$")
+RUN_LEVEL = -1  # stage_timings.chunk of the stages that run once per run (plan, finalize)
+SQLITE_BUSY_TIMEOUT_S = 60  # how long a SQLite writer waits for another one to commit
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+scoring_runs = sa.Table(
+    "scoring_runs", metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("source", sa.Text), sa.Column("model", sa.Text),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("status", sa.Text), sa.Column("rows_total", sa.BigInteger),
+    sa.Column("rows_ok", sa.BigInteger), sa.Column("rows_error", sa.BigInteger),
+    sa.Column("input_columns", sa.Text), sa.Column("input_delimiter", sa.Text),
+    sa.Column("updated_at", sa.DateTime(timezone=True)),
+)
+similarity_scores = sa.Table(
+    "similarity_scores", metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("row_number", sa.BigInteger, primary_key=True),
+    sa.Column("image_url", sa.Text), sa.Column("url_hash", sa.Text),
+    sa.Column("caption", sa.Text), sa.Column("caption_hash", sa.Text),
+    sa.Column("model", sa.Text), sa.Column("similarity", sa.Float),
+    sa.Column("cosine", sa.Float), sa.Column("error", sa.Text),
+    sa.Column("scored_at", sa.DateTime(timezone=True)),
+    sa.Column("input_fields", sa.Text),
+)
+stage_timings = sa.Table(
+    "stage_timings", metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("stage", sa.Text, primary_key=True),
+    sa.Column("chunk", sa.Integer, primary_key=True),
+    sa.Column("seconds", sa.Float), sa.Column("finished_at", sa.DateTime(timezone=True)),
+)
+latest_similarity_scores = sa.Table(  # a view (sql/002): the newest row per url, caption, model
+    "latest_similarity_scores", sa.MetaData(),
+    *(sa.Column(c.name, c.type) for c in similarity_scores.columns if c.name != "input_fields"),
+)
+
+SCORE_COLUMNS = [c.name for c in similarity_scores.columns]
+_COPY_TYPES = ["text", "int8", "text", "text", "text", "text", "text", "float8", "float8", "text",
+               "timestamptz", "text"]  # SCORE_COLUMNS' types, for binary COPY
+_RUN_LOCK = 0x5C0  # advisory lock class of "writing a run's rows" (the key: hashtext(run_id))
+
+
+def normalise_url(url: str) -> str:
+    """Accept the usual spellings; ``postgresql://`` means psycopg 3, the driver we ship."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def masked(url: str | sa.URL) -> str:
+    """The database URL with its password hidden, fit for logs and error messages."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparseable database URL>"
+
+
+def schema_files(dialect: str) -> list[Traversable]:
+    """``NNN_name.sql`` apply to every database, ``NNN_name.<dialect>.sql`` to that one only."""
+    found = [f for f in MIGRATIONS.iterdir() if MIGRATION_NAME.match(f.name)]
+    return [f for f in sorted(found, key=lambda f: f.name)
+            if f.name.split(".")[1:-1] in ([], [dialect])]
+
+
+def _statements(sql: str) -> list[str]:
+    lines = [line.split("--", 1)[0] for line in sql.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def apply_schema(engine: Engine, upto: str | None = None) -> list[str]:
+    """Apply the numbered files of ``sql/`` not yet recorded; returns the names applied.
+
+    All of them in one transaction that holds the schema lock (PostgreSQL: an advisory lock;
+    SQLite: ``BEGIN IMMEDIATE``), so two processes starting at once apply each file once. ``upto``
+    stops after that file (tests use it to build an older schema).
+    """
+    applied: list[str] = []
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('sim_pipeline_schema'))"))
+        elif conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # DDL inside the transaction, writers queued
+        conn.execute(sa.text(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, "
+            "applied_at TIMESTAMP WITH TIME ZONE NOT NULL)"))
+        done = set(conn.execute(sa.text("SELECT name FROM schema_migrations")).scalars())
+        for path in schema_files(conn.dialect.name):
+            if upto is not None and path.name > upto:
+                break
+            if path.name in done:
+                continue
+            for statement in _statements(path.read_text(encoding="utf-8")):
+                conn.execute(sa.text(statement))
+            conn.execute(sa.text("INSERT INTO schema_migrations (name, applied_at) "
+                                 "VALUES (:name, :at)"), {"name": path.name, "at": _now()})
+            applied.append(path.name)
+    return applied
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _json(values: Sequence[str] | None) -> str | None:
+    return None if values is None else _JSON(list(values))
+
+
+def _upsert(conn: Connection, table: sa.Table, rows: list[Mapping[str, Any]]) -> None:
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(table)
+    keys = [c.name for c in table.primary_key.columns]
+    updates = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=updates), rows)
+
+
+def _lock_runs(conn: Connection, run_ids: Iterable[str]) -> None:
+    """Writers of a run's rows take turns (PostgreSQL): two writers of the same chunk, one
+    after the other, instead of colliding. Writers of different runs never wait for each other;
+    locks are taken in run order, so a writer of several runs cannot deadlock with another."""
+    if conn.dialect.name == "postgresql":
+        for run_id in sorted(set(run_ids)):
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:cls, hashtext(:run_id))"),
+                         {"cls": _RUN_LOCK, "run_id": run_id})
+
+
+def _in_key_order(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One row per key (the last one wins), in key order; join-score's chunks already are."""
+    rows = list(rows)
+    keys = [(r["run_id"], r["row_number"]) for r in rows]
+    if all(a < b for a, b in zip(keys, keys[1:], strict=False)):
+        return rows
+    latest = dict(zip(keys, rows, strict=True))
+    return [latest[key] for key in sorted(latest)]
+
+
+def _score_values(row: Mapping[str, Any], scored_at: datetime) -> tuple[Any, ...]:
+    """A row as a tuple in ``SCORE_COLUMNS`` order."""
+    fields = row.get("input_fields")
+    return (row["run_id"], row["row_number"], row["image_url"], row.get("url_hash"),
+            row["caption"], row["caption_hash"], row["model"], row.get("similarity"),
+            row.get("cosine"), row.get("error"), scored_at,
+            None if fields is None else _JSON(list(fields)))
+
+
+def _copy_replace(conn: Connection, rows: list[Mapping[str, Any]], scored_at: datetime) -> None:
+    """PostgreSQL fast path: delete the rows' keys, then COPY the rows in (binary format).
+
+    Same result as ``INSERT ... ON CONFLICT DO UPDATE``, at COPY speed: rows are encoded while
+    the server stores the previous ones. The caller holds the runs' locks (``_lock_runs``), so no
+    other writer inserts these keys in between.
+    """
+    numbers: dict[str, list[int]] = {}
+    for row in rows:
+        numbers.setdefault(row["run_id"], []).append(row["row_number"])
+    with conn.connection.driver_connection.cursor() as cursor:
+        for run_id, keys in numbers.items():  # keys ascending and distinct
+            if keys[-1] - keys[0] + 1 == len(keys):  # a chunk: one range
+                cursor.execute("DELETE FROM similarity_scores WHERE run_id = %s "
+                               "AND row_number BETWEEN %s AND %s", [run_id, keys[0], keys[-1]])
+            else:
+                cursor.execute("DELETE FROM similarity_scores USING unnest(%s::bigint[]) AS k(n) "
+                               "WHERE run_id = %s AND row_number = k.n", [keys, run_id])
+        with cursor.copy(f"COPY similarity_scores ({', '.join(SCORE_COLUMNS)}) "
+                         "FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(_COPY_TYPES)
+            for row in rows:
+                copy.write_row(_score_values(row, scored_at))
+
+
+class ResultsDB:
+    """The results database behind ``SIM_PIPELINE_DATABASE_URL``; schema applied on first use."""
+
+    def __init__(self, url: str) -> None:
+        self.url = normalise_url(url)
+        self.engine = _engine(self.url)
+        self.bulk_copy = True  # PostgreSQL with psycopg: COPY; False: executemany (benchmarks)
+
+    @property
+    def shown_url(self) -> str:
+        return masked(self.url)
+
+    def start_run(self, run_id: str, source: str, model: str, rows_total: int,
+                  columns: Sequence[str] | None = None, delimiter: str | None = None) -> None:
+        """Open (or reopen) a run; rows past the end of a re-planned, shorter input go away.
+
+        ``columns`` and ``delimiter`` describe the input file, so the scored CSV can be exported
+        from the database alone. Stage timings of an earlier attempt are cleared.
+        """
+        now = _now()
+        with self.engine.begin() as conn:
+            _lock_runs(conn, [run_id])
+            conn.execute(similarity_scores.delete().where(
+                similarity_scores.c.run_id == run_id,
+                similarity_scores.c.row_number >= rows_total))
+            conn.execute(stage_timings.delete().where(stage_timings.c.run_id == run_id))
+            _upsert(conn, scoring_runs, [{
+                "run_id": run_id, "source": source, "model": model, "started_at": now,
+                "finished_at": None, "status": "running", "rows_total": rows_total,
+                "rows_ok": None, "rows_error": None, "input_columns": _json(columns),
+                "input_delimiter": delimiter, "updated_at": now}])
+
+    def finish_run(self, run_id: str, status: str) -> None:
+        """Close the run, counting its rows from the table itself (the source of truth)."""
+        counts = sa.select(
+            sa.func.count().filter(similarity_scores.c.error.is_(None)),
+            sa.func.count().filter(similarity_scores.c.error.is_not(None)),
+        ).where(similarity_scores.c.run_id == run_id)
+        now = _now()
+        with self.engine.begin() as conn:
+            ok, failed = conn.execute(counts).one()
+            conn.execute(scoring_runs.update().where(scoring_runs.c.run_id == run_id).values(
+                status=status, finished_at=now, updated_at=now, rows_ok=ok, rows_error=failed))
+
+    def upsert_scores(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Write one chunk's rows in a single transaction: all of them or none.
+
+        Each row maps ``similarity_scores`` column names to values (``scored_at`` is set here;
+        ``input_fields`` is the list of the row's input values, or absent). A row whose key is
+        there already replaces it. The runs the rows belong to get their heartbeat bumped in the
+        same transaction.
+        """
+        scored_at = _now()
+        ordered = _in_key_order(rows)
+        if not ordered:
+            return 0
+        run_ids = sorted({row["run_id"] for row in ordered})
+        with self.engine.begin() as conn:
+            _lock_runs(conn, run_ids)
+            if self.bulk_copy and conn.dialect.driver == "psycopg":
+                _copy_replace(conn, ordered, scored_at)
+            else:
+                _upsert(conn, similarity_scores, [
+                    dict(zip(SCORE_COLUMNS, _score_values(row, scored_at), strict=True))
+                    for row in ordered])
+            conn.execute(scoring_runs.update().where(scoring_runs.c.run_id.in_(run_ids))
+                         .values(updated_at=scored_at))
+        return len(ordered)
+
+    def record_stage(self, run_id: str, stage: str, chunk: int, seconds: float) -> None:
+        """Keep how long one stage took on one chunk (``RUN_LEVEL``: the whole run); heartbeat."""
+        now = _now()
+        with self.engine.begin() as conn:
+            _upsert(conn, stage_timings, [{"run_id": run_id, "stage": stage, "chunk": chunk,
+                                           "seconds": round(seconds, 3), "finished_at": now}])
+            conn.execute(scoring_runs.update().where(scoring_runs.c.run_id == run_id)
+                         .values(updated_at=now))
+
+
+@functools.lru_cache(maxsize=8)
+def _engine(url: str) -> Engine:
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        raise UserError(f"SIM_PIPELINE_DATABASE_URL is not a database URL: {masked(url)}.") \
+            from None
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        connect_args["timeout"] = SQLITE_BUSY_TIMEOUT_S
+        if parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = sa.create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+        apply_schema(engine)
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
+        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        raise UserError(f"Cannot use the results database {masked(parsed)}: {reason}.") from None
+    except (ImportError, sa.exc.NoSuchModuleError) as error:
+        raise UserError(f"No driver for the results database {masked(parsed)}: {error}.") \
+            from None
+    return engine

@@ -1,0 +1,31 @@
+"""Which encoder embeds a stage's inputs: the torch tower, or its ONNX Runtime export.
+
+torch and transformers are imported only when an encoder is really needed, so a fully cached
+stage never loads them.
+"""
+
+from __future__ import annotations
+
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.layout import model_tag
+
+
+def vector_tag(settings: Settings) -> str:
+    """Cache vectors under the precision really used, so CPU and GPU vectors never mix."""
+    if settings.backend != "torch":
+        return model_tag(settings.model, settings.backend)
+    from sim_pipeline.stages.embed.model import resolved_precision
+
+    return model_tag(settings.model, resolved_precision(settings.device, settings.precision))
+
+
+def encoder_for(settings: Settings, tower: str):  # noqa: ANN202 - imported lazily
+    """The torch tower, or its ONNX Runtime export when ``SIM_PIPELINE_BACKEND`` asks for it."""
+    if settings.backend != "torch":
+        from sim_pipeline.stages.embed.onnx_backend import load_onnx_encoder
+
+        return load_onnx_encoder(settings.model, settings.backend, tower, settings.store,
+                                 settings.s3)
+    from sim_pipeline.stages.embed.model import load_encoder
+
+    return load_encoder(settings.model, settings.device, settings.precision, tower)

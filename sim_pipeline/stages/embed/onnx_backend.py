@@ -1,0 +1,131 @@
+"""ONNX Runtime backend (opt-in: ``SIM_PIPELINE_BACKEND=onnx`` or ``onnx-int8``).
+
+Each tower is exported once from the loaded checkpoint (fp32, through torch's ONNX exporter),
+optionally quantised to dynamic int8, and cached in the object store keyed by model and export
+settings; later runs and other workers load the cached file and never touch torch for inference.
+Same interface as ``model.ClipEncoder``: ``preprocess``, ``encode_pixels``, ``encode_texts``.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.layout import model_tag
+from sim_pipeline.core.store import S3Options, open_store
+from sim_pipeline.stages.embed.pixels import pixel_values_function
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+EXPORT_VERSION = "opset17-v1"  # part of the cache key: change it when the export changes
+INPUTS = {"image": ("pixel_values",), "text": ("input_ids", "attention_mask")}
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+
+
+@dataclass
+class OnnxEncoder:
+    session: Any
+    processor: Any
+    tower: str
+    max_text_length: int
+
+    def preprocess(self, images: Iterable[Image.Image]) -> np.ndarray:
+        return self.pixel_values(images)
+
+    @functools.cached_property
+    def pixel_values(self) -> Callable[[Iterable[Image.Image]], np.ndarray]:
+        return pixel_values_function(self.processor.image_processor)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run(None, {"pixel_values": np.asarray(pixels, dtype=np.float32)})
+        return _normalise(out.astype(np.float32))
+
+    def encode_images(self, images: list[Image.Image]) -> np.ndarray:
+        return self.encode_pixels(self.preprocess(images))
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        tokens = self.processor.tokenizer(texts, padding=True, truncation=True,
+                                          max_length=self.max_text_length, return_tensors="np")
+        (out,) = self.session.run(None, {"input_ids": tokens["input_ids"].astype(np.int64),
+                                         "attention_mask": tokens["attention_mask"]
+                                         .astype(np.int64)})
+        return _normalise(out.astype(np.float32))
+
+
+def export_tower(model_name: str, tower: str, quantize: bool) -> bytes:
+    """The tower as ONNX bytes: exported in fp32, then dynamically quantised to int8 if asked."""
+    import torch
+
+    from sim_pipeline.stages.embed.model import load_encoder
+
+    encoder = load_encoder(model_name, "cpu", "fp32", tower)
+    output = "image_embeds" if tower == "image" else "text_embeds"
+
+    class Tower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = encoder.model
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return getattr(self.inner(**dict(zip(INPUTS[tower], inputs, strict=True))), output)
+
+    if tower == "image":
+        example: tuple[torch.Tensor, ...] = (torch.zeros(2, 3, 224, 224),)
+        axes = {"pixel_values": {0: "batch"}}
+    else:
+        example = (torch.ones(2, 8, dtype=torch.long), torch.ones(2, 8, dtype=torch.long))
+        axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # tracer chatter about shapes we keep dynamic on purpose
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Tower().eval(), example, buffer, input_names=list(INPUTS[tower]),
+                          output_names=["embeds"], dynamic_axes={**axes, "embeds": {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    return _quantize(buffer.getvalue()) if quantize else buffer.getvalue()
+
+
+def _quantize(model: bytes) -> bytes:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, target = Path(folder, "fp32.onnx"), Path(folder, "int8.onnx")
+        source.write_bytes(model)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        return target.read_bytes()
+
+
+@functools.lru_cache(maxsize=4)
+def load_onnx_encoder(model_name: str, backend: str, tower: str, store_location: str,
+                      s3: S3Options | None = None) -> OnnxEncoder:
+    """Load the cached export of ``tower``, exporting (and caching) it on first use."""
+    try:
+        import onnxruntime
+        from transformers import CLIPConfig, CLIPProcessor
+    except ImportError:
+        raise UserError("SIM_PIPELINE_BACKEND=onnx needs onnxruntime: pip install "
+                        "'sim-pipeline[onnx]'.") from None
+    store = open_store(store_location, s3)
+    key = f"onnx/{model_tag(model_name, backend)}-{EXPORT_VERSION}/{tower}.onnx"
+    if not store.exists(key):
+        store.write_bytes(key, export_tower(model_name, tower, backend == "onnx-int8"))
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = onnxruntime.InferenceSession(store.read_bytes(key), options,
+                                           providers=["CPUExecutionProvider"])
+    processor = CLIPProcessor.from_pretrained(model_name)
+    max_length = CLIPConfig.from_pretrained(model_name).text_config.max_position_embeddings
+    return OnnxEncoder(session, processor, tower, int(max_length))

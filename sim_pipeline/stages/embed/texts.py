@@ -1,0 +1,36 @@
+"""Stage 4, embed-texts: one unit vector per distinct caption of a chunk.
+
+Needs nothing from the fetch stage. Captions already in the embedding cache cost no inference;
+the rest are sorted by length so a batch's captions pad to similar lengths.
+"""
+
+from __future__ import annotations
+
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.layout import ChunkRef, caption_hash, model_tag
+from sim_pipeline.core.store import ObjectStore
+from sim_pipeline.core.streams import batched
+from sim_pipeline.stages.embed.encoders import encoder_for, vector_tag
+from sim_pipeline.stages.embed.sets import EmbedStats, assemble, save_embedding_set, scorable
+from sim_pipeline.stages.embed.vector_cache import VectorCache
+from sim_pipeline.stages.plan import read_chunk_rows
+
+
+def embed_texts_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) -> EmbedStats:
+    """Embed every distinct caption of the chunk not already embedded."""
+    key = chunk.text_embeddings_key(model_tag(settings.model, settings.variant))
+    if store.exists(f"{key}.json"):
+        return EmbedStats(chunk_done_before=True)
+    rows = scorable(read_chunk_rows(store, chunk))
+    captions = {caption_hash(r.caption): r.caption for r in rows}
+    cache = VectorCache(store, vector_tag(settings), "texts") if captions else None
+    vectors = cache.get_many(captions) if cache else {}
+    # Similar lengths share a batch, so padding to the longest wastes little.
+    todo = sorted((h for h in captions if h not in vectors), key=lambda h: (len(captions[h]), h))
+    for batch in batched(todo, settings.batch_size):
+        encoded = encoder_for(settings, "text").encode_texts([captions[h] for h in batch])
+        new = dict(zip(batch, encoded, strict=True))
+        cache.put_many(new)  # type: ignore[union-attr]
+        vectors.update(new)
+    save_embedding_set(store, key, assemble(sorted(captions), vectors, {}), settings.model)
+    return EmbedStats(len(todo), len(captions) - len(todo), 0)

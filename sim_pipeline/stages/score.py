@@ -1,0 +1,93 @@
+"""Stage 5, join-score: join each row with its two embeddings and score it.
+
+``cosine`` is the dot product of the two unit vectors; ``similarity = round((cosine + 1) / 2, 4)``
+maps it into 0..1. A row carries the first error met on its way: input, fetch, decode.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.layout import ChunkRef, caption_hash, model_tag
+from sim_pipeline.core.store import ObjectStore
+from sim_pipeline.results.db import ResultsDB
+from sim_pipeline.stages.embed.sets import EmbeddingSet, load_embedding_set
+from sim_pipeline.stages.plan import InputRow, read_chunk_rows
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    row: int
+    url: str
+    url_hash: str | None
+    caption: str
+    similarity: float | None
+    cosine: float | None
+    error: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> ScoredRow:
+        return cls(**json.loads(line))
+
+
+def similarity_from_cosine(cosine: float) -> float:
+    return round((cosine + 1.0) / 2.0, 4)
+
+
+def score_rows(rows: list[InputRow], images: EmbeddingSet, texts: EmbeddingSet) -> Iterator[
+        ScoredRow]:
+    image_index, text_index = images.lookup(), texts.lookup()
+    for row in rows:
+        error = row.error or images.errors.get(row.url_hash or "")
+        if error:
+            yield ScoredRow(row.row, row.url, row.url_hash, row.caption, None, None, error)
+            continue
+        image = images.vectors[image_index[row.url_hash]]
+        text = texts.vectors[text_index[caption_hash(row.caption)]]
+        cosine = float(np.dot(image.astype(np.float64), text.astype(np.float64)))
+        cosine = max(-1.0, min(1.0, cosine))
+        yield ScoredRow(row.row, row.url, row.url_hash, row.caption,
+                        similarity_from_cosine(cosine), round(cosine, 6), None)
+
+
+def join_score_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings,
+                     results: ResultsDB | None = None) -> list[ScoredRow]:
+    """Score the chunk (reusing stored results) and upsert it into the results table."""
+    tag = model_tag(settings.model, settings.variant)
+    key = chunk.results_key(tag)
+    rows = read_chunk_rows(store, chunk)
+    if store.exists(key):
+        scored = read_results(store, chunk, settings)
+    else:
+        images = load_embedding_set(store, chunk.image_embeddings_key(tag))
+        texts = load_embedding_set(store, chunk.text_embeddings_key(tag))
+        scored = list(score_rows(rows, images, texts))
+        store.write_bytes(key, "".join(s.to_json() + "\n" for s in scored).encode("utf-8"))
+    if results is not None:
+        results.upsert_scores(table_row(s, chunk.run_id, settings.model, row.fields)
+                              for s, row in zip(scored, rows, strict=True))
+    return scored
+
+
+def read_results(store: ObjectStore, chunk: ChunkRef, settings: Settings) -> list[ScoredRow]:
+    key = chunk.results_key(model_tag(settings.model, settings.variant))
+    return [ScoredRow.from_json(line) for line in store.read_bytes(key).decode().splitlines()]
+
+
+def table_row(scored: ScoredRow, run_id: str, model: str,
+              input_fields: list[str] | None = None) -> dict[str, object]:
+    return {
+        "run_id": run_id, "row_number": scored.row, "image_url": scored.url,
+        "url_hash": scored.url_hash, "caption": scored.caption,
+        "caption_hash": caption_hash(scored.caption), "model": model,
+        "similarity": scored.similarity, "cosine": scored.cosine, "error": scored.error,
+        "input_fields": input_fields,
+    }
