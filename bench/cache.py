@@ -78,7 +78,7 @@ def main() -> None:
                         allow_hosts=base_url.removeprefix("http://"))
     print(f"{args.pairs} pairs over {args.images} distinct 640x480 JPEGs, then a file repeating "
           f"{args.repeated:.0%} of them; {os.cpu_count()} CPUs, model: random ViT-B/32, "
-          f"precision {resolved_precision(settings.device, settings.precision)}")
+          f"precision {resolved_precision(settings.device, settings.precision, settings.model)}")
     files = two_files(base_url, names, args.pairs, args.images, args.repeated)
     for run_id, pairs in zip(("first", "second"), files, strict=True):
         write_file(work / f"{run_id}.csv", pairs)

@@ -51,13 +51,14 @@ def stage_store(count: int) -> tuple[LocalStore, ChunkRef]:
     return store, chunk
 
 
-def bare_model(settings: Settings, pixels: torch.Tensor) -> float:
+def bare_model(settings: Settings, pixels: dict[str, torch.Tensor]) -> float:
     encoder = load_encoder(settings.model, settings.device, settings.precision, "image")
-    encoder.encode_pixels(pixels[: settings.batch_size])  # warm-up
+    count, size = len(pixels["pixel_values"]), settings.batch_size
+    encoder.encode_pixels({k: v[:size] for k, v in pixels.items()})  # warm-up
     started = time.perf_counter()
-    for start in range(0, len(pixels), settings.batch_size):
-        encoder.encode_pixels(pixels[start : start + settings.batch_size])
-    return len(pixels) / (time.perf_counter() - started)
+    for start in range(0, count, size):
+        encoder.encode_pixels({k: v[start : start + size] for k, v in pixels.items()})
+    return count / (time.perf_counter() - started)
 
 
 def embed_stage(settings: Settings, store: LocalStore, chunk: ChunkRef) -> tuple[float, np.ndarray]:
@@ -81,7 +82,7 @@ def texts_per_second(settings: Settings, pad_to_77: bool, texts: list[str]) -> t
         batch = texts[start : start + 64]
         tokens = tokenizer(batch, padding="max_length" if pad_to_77 else True, truncation=True,
                            max_length=77, return_tensors="pt")
-        out.append(encoder._encode("text_embeds", input_ids=tokens["input_ids"],
+        out.append(encoder._encode(input_ids=tokens["input_ids"],
                                    attention_mask=tokens["attention_mask"]))
     return len(texts) / (time.perf_counter() - started), np.concatenate(out)
 

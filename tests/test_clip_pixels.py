@@ -70,7 +70,7 @@ def test_other_processor_settings_fall_back_to_the_processor(change: dict) -> No
     assert FastClipPixels.matching(processor) is None
     images = [decode_image(make_image(seed, size=(640, 480))) for seed in range(3)]
     expected = processor(images=images, return_tensors="np")["pixel_values"]
-    assert np.array_equal(pixel_values_function(processor)(images), expected)
+    assert np.array_equal(pixel_values_function(processor)(images)["pixel_values"], expected)
 
 
 def test_encoders_use_the_fast_path(tiny_model: Path) -> None:
@@ -78,7 +78,7 @@ def test_encoders_use_the_fast_path(tiny_model: Path) -> None:
     assert isinstance(encoder.pixel_values, FastClipPixels)
     images = images_of_every_shape()
     reference = encoder.processor.image_processor(images=images, return_tensors="pt")
-    assert np.array_equal(encoder.preprocess(images).numpy(),
+    assert np.array_equal(encoder.preprocess(images)["pixel_values"].numpy(),
                           reference["pixel_values"].numpy())
 
 
@@ -91,8 +91,8 @@ def test_bf16_keeps_linear_weights_in_bf16_with_the_same_embeddings_as_autocast(
     for tower in ("image", "text"):
         fp32 = load_encoder(str(tiny_model), "cpu", "fp32", tower)
         bf16 = load_encoder(str(tiny_model), "cpu", "bf16", tower)
-        linear = [m for m in bf16.model.modules() if isinstance(m, torch.nn.Linear)]
-        norms = [m for m in bf16.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+        linear = [m for m in bf16.module.modules() if isinstance(m, torch.nn.Linear)]
+        norms = [m for m in bf16.module.modules() if isinstance(m, torch.nn.LayerNorm)]
         assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
         assert norms and all(m.weight.dtype == torch.float32 for m in norms)
         fp32.precision = "bf16"  # autocast over fp32 weights: what bf16 computed before

@@ -14,7 +14,7 @@ from PIL import Image
 from sim_pipeline.core.config import Settings
 from sim_pipeline.runners.pipeline import score_csv
 from sim_pipeline.stages.embed.model import (
-    ClipEncoder,
+    Encoder,
     cpu_supports_bf16,
     load_encoder,
     resolve_precision,
@@ -57,8 +57,7 @@ def test_padding_to_the_longest_caption_changes_no_embedding(tiny_model: Path) -
     texts = ["a cat", "a much longer caption about a dog running on the beach at sunset"]
     tokens = encoder.processor.tokenizer(texts, padding="max_length", max_length=77,
                                          return_tensors="pt")
-    full = encoder._encode("text_embeds", input_ids=tokens["input_ids"],
-                           attention_mask=tokens["attention_mask"])
+    full = encoder._encode(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     np.testing.assert_allclose(encoder.encode_texts(texts), full, atol=1e-5)
 
 
@@ -69,18 +68,18 @@ def test_known_pairs_cost_no_inference_in_a_later_file(
     first = [Case(u, f"caption {i}", None) for i, u in enumerate(urls[:10])]
     second = first[:9] + [Case(urls[10], "caption 10", None), Case(urls[11], "new words", None)]
     encoded = {"images": 0, "texts": 0}
-    real_pixels, real_texts = ClipEncoder.encode_pixels, ClipEncoder.encode_texts
+    real_pixels, real_texts = Encoder.encode_pixels, Encoder.encode_texts
 
     def count_pixels(self, pixels):  # noqa: ANN001, ANN202
-        encoded["images"] += len(pixels)
+        encoded["images"] += len(pixels["pixel_values"])
         return real_pixels(self, pixels)
 
     def count_texts(self, texts):  # noqa: ANN001, ANN202
         encoded["texts"] += len(texts)
         return real_texts(self, texts)
 
-    monkeypatch.setattr(ClipEncoder, "encode_pixels", count_pixels)
-    monkeypatch.setattr(ClipEncoder, "encode_texts", count_texts)
+    monkeypatch.setattr(Encoder, "encode_pixels", count_pixels)
+    monkeypatch.setattr(Encoder, "encode_texts", count_texts)
     score_csv(write_cases(tmp_path / "first.csv", first), settings, progress=False)
     assert encoded == {"images": 10, "texts": 10}
     score_csv(write_cases(tmp_path / "second.csv", second), settings, progress=False)
@@ -89,11 +88,14 @@ def test_known_pairs_cost_no_inference_in_a_later_file(
 
 def test_a_fully_cached_rerun_imports_neither_torch_nor_transformers(
         tmp_path: Path, settings: Settings, image_server: ImageServer) -> None:
+    """With the default device and precision (``auto``): on a machine without a GPU the device
+    is known without torch, and the vectors' precision from the checkpoint's config.json."""
+    settings = settings.replace(device="auto", precision="auto")
     urls = serve_good_images(image_server, 3, prefix="warm")
     source = write_cases(tmp_path / "pairs.csv", [Case(u, "a caption", None) for u in urls])
     score_csv(source, settings, progress=False)
     flags = ["--model", settings.model, "--store", settings.store, "--database-url",
-             settings.database_url, "--device", "cpu", "--precision", settings.precision,
+             settings.database_url, "--device", "auto", "--precision", "auto",
              "--allow-hosts", settings.allow_hosts, "--quiet"]
     probe = ("import sys; from sim_pipeline.cli import main; code = main(sys.argv[1:]); "
              "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")

@@ -44,6 +44,12 @@ def manifest_key(run_id: str, input_digest: str) -> str:
     return f"{plan_prefix(run_id, input_digest)}/manifest.json"
 
 
+def model_check_key(run_id: str, model: str, backend: str) -> str:
+    """Marks that the run's model resolved (config and processor) for this backend, so a rerun
+    skips the check and a fully cached rerun never imports transformers."""
+    return f"runs/{run_id}/model-checks/{sha256_hex(f'{model}|{backend}')[:16]}.json"
+
+
 def current_plan_key(run_id: str) -> str:
     """Points at the run's newest plan, for runners that know only the run id."""
     return f"runs/{run_id}/current.json"

@@ -30,15 +30,22 @@ from sim_pipeline.core.layout import (
     JOIN_SCORE,
     PLAN,
     ChunkRef,
+    model_check_key,
 )
-from sim_pipeline.core.store import ObjectStore, open_store
+from sim_pipeline.core.store import ObjectStore, open_store, write_json
 from sim_pipeline.results.db import RUN_LEVEL, ResultsDB
 from sim_pipeline.results.report import report_path, write_report
 from sim_pipeline.stages.embed.images import embed_images_chunk
 from sim_pipeline.stages.embed.texts import embed_texts_chunk
 from sim_pipeline.stages.fetch.chunk import fetch_chunk
 from sim_pipeline.stages.finalize import default_output_path, write_scored_csv
-from sim_pipeline.stages.plan import RunPlan, load_plan, plan_input
+from sim_pipeline.stages.plan import (
+    RunPlan,
+    check_input_file,
+    default_run_id,
+    load_plan,
+    plan_csv,
+)
 from sim_pipeline.stages.score import join_score_chunk
 
 log = logging.getLogger(__name__)
@@ -83,12 +90,29 @@ class Run:
         it (an s3:// object downloaded for planning, say).
         """
         started = time.monotonic()
-        plan = plan_input(input_path, self.store, self.settings)
+        path = Path(input_path)
+        check_input_file(path)
+        run_id = self.settings.run_id or default_run_id(path, self.settings)
+        if self.results is not None:
+            self.check_model(run_id)
+        plan = plan_csv(path, self.store, self.settings, run_id)
         if self.results is not None:
             self.results.start_run(plan.run_id, source or str(input_path), self.settings.model,
                                    plan.rows, plan.columns, plan.delimiter)
         self.record(plan.run_id, PLAN, RUN_LEVEL, time.monotonic() - started)
         return plan
+
+    def check_model(self, run_id: str) -> None:
+        """Resolve the model's config and processor (no weights) before any work, once per run:
+        a wrong model or backend stops the run in seconds instead of after the fetch stage."""
+        key = model_check_key(run_id, self.settings.model, self.settings.backend)
+        if self.store.exists(key):
+            return
+        from sim_pipeline.stages.embed.families import check_backend
+
+        family = check_backend(self.settings.model, self.settings.backend).family
+        write_json(self.store, key, {"model": self.settings.model, "family": family.name,
+                                     "backend": self.settings.backend})
 
     def load_plan(self, run_id: str | None = None) -> RunPlan:
         run_id = run_id or self.settings.run_id

@@ -1,4 +1,4 @@
-"""Random-weight CLIP checkpoints for offline trials, tests and benchmarks.
+"""Random-weight CLIP and SigLIP checkpoints for offline trials, tests and benchmarks.
 
 No model hub is reachable from our CI machines, so tests and benchmarks build a checkpoint here and
 load it through the same ``from_pretrained`` path as a real model. The tokenizer is the real CLIP
@@ -63,7 +63,8 @@ def write_clip_tokenizer_files(dest: Path) -> tuple[Path, Path]:
     return vocab_path, merges_path
 
 
-def build_random_clip(dest: str | Path, shape: str = "tiny", seed: int = 0) -> Path:
+def build_random_clip(dest: str | Path, shape: str = "tiny", seed: int = 0,
+                      projection_dim: int = 32) -> Path:
     """Save a random-weight CLIP model + processor to ``dest`` (meaningless scores).
 
     ``shape="tiny"``: 32-wide, one layer, for tests. ``shape="vit-b-32"``: the real
@@ -82,9 +83,10 @@ def build_random_clip(dest: str | Path, shape: str = "tiny", seed: int = 0) -> P
     if shape == "tiny":
         small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                  "num_attention_heads": 2}
-        config = CLIPConfig(text_config=dict(small, projection_dim=32),
-                            vision_config=dict(small, patch_size=32, projection_dim=32),
-                            projection_dim=32)
+        config = CLIPConfig(text_config=dict(small, projection_dim=projection_dim),
+                            vision_config=dict(small, patch_size=32,
+                                               projection_dim=projection_dim),
+                            projection_dim=projection_dim)
     elif shape == "vit-b-32":
         config = CLIPConfig()
     else:
@@ -97,12 +99,80 @@ def build_random_clip(dest: str | Path, shape: str = "tiny", seed: int = 0) -> P
     model.save_pretrained(dest)
     processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tokenizer)
     processor.save_pretrained(dest)
-    (dest / "README.md").write_text(
-        "Random-weight CLIP checkpoint built by sim-pipeline for offline trials.\n"
-        "Its weights are random: similarity scores from it are meaningless.\n",
-        encoding="utf-8",
-    )
+    _label_random(dest, "CLIP")
     return dest
+
+
+SENTENCE_PIECE_TEXT = "\n".join([
+    "a photo of a cat", "a dog playing in the snow", "two people riding bikes on a road",
+    "the red car parked on a street", "an aerial view of a city at night",
+    "green fields under a blue sky", "a bowl of fruit on a wooden table", "ünïcödé text",
+] * 25)
+
+
+def train_sentencepiece(dest: Path, vocab_size: int = 60) -> Path:
+    """A small SentencePiece unigram model trained here from a short text (the ``sentencepiece``
+    package), with SigLIP's special tokens: pad 0, eos 1, unk 2."""
+    import sentencepiece as spm
+
+    dest.mkdir(parents=True, exist_ok=True)
+    corpus = dest / "corpus.txt"
+    corpus.write_text(SENTENCE_PIECE_TEXT, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(dest / "spiece"), vocab_size=vocab_size,
+        model_type="unigram", hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2,
+        num_threads=1)
+    corpus.unlink()
+    return dest / "spiece.model"
+
+
+def build_random_siglip(dest: str | Path, seed: int = 0, text_positions: int = 64) -> Path:
+    """Save a tiny random-weight SigLIP (``SiglipModel`` + ``SiglipProcessor``) with a real
+    SentencePiece tokenizer trained here. Its scores are meaningless."""
+    import torch
+    from transformers import SiglipConfig, SiglipModel, SiglipProcessor, SiglipTokenizer
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = SiglipTokenizer(vocab_file=str(train_sentencepiece(Path(folder))),
+                                    model_max_length=text_positions)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2}
+    config = SiglipConfig(
+        text_config=dict(small, vocab_size=len(tokenizer), max_position_embeddings=text_positions,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None),
+        vision_config=dict(small, image_size=32, patch_size=8))
+    torch.manual_seed(seed)
+    SiglipModel(config).eval().save_pretrained(dest)
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(dest)
+    _label_random(dest, "SigLIP")
+    return dest
+
+
+def build_clip_with_default_sub_projection(dest: str | Path, seed: int = 0) -> Path:
+    """A tiny CLIP whose towers' sub-configs keep ``projection_dim`` at the default 512 while the
+    top-level one (what ``CLIPModel`` builds) is 24, as LAION's ViT-bigG-14 ships."""
+    import json
+
+    path = build_random_clip(dest, shape="tiny", seed=seed, projection_dim=24)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["text_config"]["projection_dim"] = config["vision_config"]["projection_dim"] = 512
+    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path
+
+
+def _label_random(dest: Path, family: str) -> None:
+    (dest / "README.md").write_text(
+        f"Random-weight {family} checkpoint built by sim-pipeline for offline trials.\n"
+        "Its weights are random: similarity scores from it are meaningless.\n",
+        encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

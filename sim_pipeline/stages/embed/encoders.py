@@ -16,7 +16,8 @@ def vector_tag(settings: Settings) -> str:
         return model_tag(settings.model, settings.backend)
     from sim_pipeline.stages.embed.model import resolved_precision
 
-    return model_tag(settings.model, resolved_precision(settings.device, settings.precision))
+    precision = resolved_precision(settings.device, settings.precision, settings.model)
+    return model_tag(settings.model, precision)
 
 
 def encoder_for(settings: Settings, tower: str):  # noqa: ANN202 - imported lazily

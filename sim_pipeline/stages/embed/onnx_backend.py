@@ -3,7 +3,8 @@
 Each tower is exported once from the loaded checkpoint (fp32, through torch's ONNX exporter),
 optionally quantised to dynamic int8, and cached in the object store keyed by model and export
 settings; later runs and other workers load the cached file and never touch torch for inference.
-Same interface as ``model.ClipEncoder``: ``preprocess``, ``encode_pixels``, ``encode_texts``.
+CLIP checkpoints only (``families.check_backend`` refuses others in one sentence).
+Same interface as ``model.Encoder``: ``preprocess``, ``encode_pixels``, ``encode_texts``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import model_tag
 from sim_pipeline.core.store import S3Options, open_store
+from sim_pipeline.stages.embed.families import check_backend
 from sim_pipeline.stages.embed.pixels import pixel_values_function
 
 if TYPE_CHECKING:
@@ -50,8 +52,9 @@ class OnnxEncoder:
     def pixel_values(self) -> Callable[[Iterable[Image.Image]], np.ndarray]:
         return pixel_values_function(self.processor.image_processor)
 
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        (out,) = self.session.run(None, {"pixel_values": np.asarray(pixels, dtype=np.float32)})
+    def encode_pixels(self, pixels: np.ndarray | dict[str, Any]) -> np.ndarray:
+        values = pixels["pixel_values"] if isinstance(pixels, dict) else pixels
+        (out,) = self.session.run(None, {"pixel_values": np.asarray(values, dtype=np.float32)})
         return _normalise(out.astype(np.float32))
 
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
@@ -78,7 +81,7 @@ def export_tower(model_name: str, tower: str, quantize: bool) -> bytes:
     class Tower(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.inner = encoder.model
+            self.inner = encoder.module
 
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
             return getattr(self.inner(**dict(zip(INPUTS[tower], inputs, strict=True))), output)
@@ -114,10 +117,10 @@ def load_onnx_encoder(model_name: str, backend: str, tower: str, store_location:
     """Load the cached export of ``tower``, exporting (and caching) it on first use."""
     try:
         import onnxruntime
-        from transformers import CLIPConfig, CLIPProcessor
     except ImportError:
         raise UserError("SIM_PIPELINE_BACKEND=onnx needs onnxruntime: pip install "
                         "'sim-pipeline[onnx]'.") from None
+    resolved = check_backend(model_name, backend)
     store = open_store(store_location, s3)
     key = f"onnx/{model_tag(model_name, backend)}-{EXPORT_VERSION}/{tower}.onnx"
     if not store.exists(key):
@@ -126,6 +129,4 @@ def load_onnx_encoder(model_name: str, backend: str, tower: str, store_location:
     options.intra_op_num_threads = os.cpu_count() or 1
     session = onnxruntime.InferenceSession(store.read_bytes(key), options,
                                            providers=["CPUExecutionProvider"])
-    processor = CLIPProcessor.from_pretrained(model_name)
-    max_length = CLIPConfig.from_pretrained(model_name).text_config.max_position_embeddings
-    return OnnxEncoder(session, processor, tower, int(max_length))
+    return OnnxEncoder(session, resolved.processor, tower, resolved.text_length)

@@ -93,9 +93,11 @@ def _level_table(scale: float, mean: list[float], std: list[float]) -> np.ndarra
     return ((levels[None, :] - mean32[:, None]) / std32[:, None]).astype(np.float32)
 
 
-def pixel_values_function(processor: Any) -> Callable[[Iterable[Image.Image]], np.ndarray]:
-    """The fast path when it matches ``processor`` (an image processor), else the processor."""
+def pixel_values_function(processor: Any
+                          ) -> Callable[[Iterable[Image.Image]], np.ndarray | dict[str, Any]]:
+    """The fast path when it matches ``processor`` (an image processor): the ``pixel_values``
+    array; else the processor itself: all of its model inputs (SigLIP 2 adds masks and shapes)."""
     fast = FastClipPixels.matching(processor)
     if fast is not None:
         return fast
-    return lambda images: processor(images=list(images), return_tensors="np")["pixel_values"]
+    return lambda images: dict(processor(images=list(images), return_tensors="np"))
