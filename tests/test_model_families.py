@@ -23,7 +23,11 @@ from sim_pipeline.core.layout import model_tag
 from sim_pipeline.stages.embed.model import cpu_supports_bf16, resolved_precision
 from tests.conftest import ImageServer
 from tests.pairs import Case, read_csv, serve_good_images, write_cases
-from tests.support.random_model import build_clip_with_default_sub_projection, build_random_siglip
+from tests.support.random_model import (
+    build_clip_with_default_sub_projection,
+    build_random_siglip,
+    build_random_siglip2,
+)
 from tests.test_score_cli import score
 
 CAPTIONS = ["a red square", "two dogs playing in the snow", "plain",
@@ -34,6 +38,11 @@ CAPTIONS = ["a red square", "two dogs playing in the snow", "plain",
 @pytest.fixture(scope="module")
 def siglip_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_random_siglip(tmp_path_factory.mktemp("siglip"))
+
+
+@pytest.fixture(scope="module")
+def siglip2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_random_siglip2(tmp_path_factory.mktemp("siglip2"))
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +63,11 @@ def reference_similarities(model_dir: Path, bodies: list[bytes], captions: list[
         image = Image.open(io.BytesIO(body)).convert("RGB")
         inputs = processor(text=[caption], images=[image], truncation=True, return_tensors="pt",
                            **padding)
-        text_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        text_keys = ("input_ids", "attention_mask")
+        text_inputs = {k: v for k, v in inputs.items() if k in text_keys}
+        image_inputs = {k: v for k, v in inputs.items() if k not in text_keys}
         with torch.no_grad():
-            image_emb = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+            image_emb = model.get_image_features(**image_inputs).pooler_output
             text_emb = model.get_text_features(**text_inputs).pooler_output
         cosine = torch.nn.functional.cosine_similarity(image_emb, text_emb).item()
         scores.append((cosine + 1) / 2)
@@ -69,15 +80,18 @@ def served_pairs(image_server: ImageServer, prefix: str) -> tuple[list[str], lis
     return urls, bodies
 
 
-@pytest.mark.parametrize("family", ["siglip", "clip-disagreeing-dims"])
+FAMILY_FIXTURES = {"siglip": "siglip_model", "siglip2": "siglip2_model",
+                   "clip-disagreeing-dims": "clip_disagreeing_dims"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FIXTURES))
 @pytest.mark.parametrize(("precision", "tolerance"), [("auto", 1e-3), ("fp32", 1e-3),
                                                       ("bf16", 5e-3)])
 def test_the_cli_and_score_pairs_match_the_family_reference(
         family: str, precision: str, tolerance: float, request: pytest.FixtureRequest,
         tmp_path: Path,
         settings: Settings, image_server: ImageServer) -> None:
-    model = request.getfixturevalue("siglip_model" if family == "siglip"
-                                    else "clip_disagreeing_dims")
+    model = request.getfixturevalue(FAMILY_FIXTURES[family])
     urls, bodies = served_pairs(image_server, f"family-{family}")
     expected = reference_similarities(model, bodies, CAPTIONS)
     assert len({round(e, 4) for e in expected}) > 3, "distinct pairs should not score alike"

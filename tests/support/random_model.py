@@ -155,6 +155,38 @@ def build_random_siglip(dest: str | Path, seed: int = 0, text_positions: int = 6
     return dest
 
 
+def build_random_siglip2(dest: str | Path, seed: int = 0) -> Path:
+    """Save a tiny random-weight SigLIP 2 (``Siglip2Model`` + ``Siglip2Processor``, NaFlex
+    patches) whose ``Siglip2Tokenizer`` has a character vocabulary with byte fallback. Its scores
+    are meaningless."""
+    import torch
+    from transformers import Siglip2Config, Siglip2Model, Siglip2Processor
+    from transformers.models.siglip2.image_processing_pil_siglip2 import (
+        Siglip2ImageProcessorPil,
+    )
+    from transformers.models.siglip2.tokenization_siglip2 import Siglip2Tokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for symbol in [*"abcdefghijklmnopqrstuvwxyz0123456789▁", *(f"<0x{b:02X}>" for b in range(256))]:
+        vocab.setdefault(symbol, len(vocab))
+    tokenizer = Siglip2Tokenizer(vocab=vocab, merges=[], model_max_length=64)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2}
+    config = Siglip2Config(
+        text_config=dict(small, vocab_size=len(vocab), max_position_embeddings=64,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2),
+        vision_config=dict(small, patch_size=16, num_patches=16))
+    torch.manual_seed(seed)
+    dest = Path(dest)
+    Siglip2Model(config).eval().save_pretrained(dest)
+    image_processor = Siglip2ImageProcessorPil(patch_size=16, max_num_patches=16)
+    Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(dest)
+    _label_random(dest, "SigLIP 2")
+    return dest
+
+
 def build_clip_with_default_sub_projection(dest: str | Path, seed: int = 0) -> Path:
     """A tiny CLIP whose towers' sub-configs keep ``projection_dim`` at the default 512 while the
     top-level one (what ``CLIPModel`` builds) is 24, as LAION's ViT-bigG-14 ships."""

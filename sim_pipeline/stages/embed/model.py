@@ -188,8 +188,8 @@ class Encoder:
         makes that exact); SigLIP pools the last position, so it pads to ``max_length`` as it
         was trained. Both truncate at the model's limit."""
         padding: bool | str = "max_length" if self.family.pad_to_max_length else True
-        tokens = self.processor.tokenizer(texts, padding=padding, truncation=True,
-                                          max_length=self.text_length, return_tensors="pt")
+        tokens = self.processor(text=texts, padding=padding, truncation=True,
+                                max_length=self.text_length, return_tensors="pt")
         return {k: v for k, v in tokens.items() if k in TEXT_INPUTS}
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -247,9 +247,8 @@ def load_encoder(model_name: str, device: str = "auto", precision: str = "auto",
     if precision == "bf16":
         _store_linear_weights_in_bf16(module)
     processor = resolved.processor
-    image_processor = processor.image_processor
     return Encoder(module, processor, family, device, precision, tower, resolved.text_length,
-                   pixel_values_function(image_processor))
+                   pixel_values_function(processor))
 
 
 def _store_linear_weights_in_bf16(model: torch.nn.Module) -> None:

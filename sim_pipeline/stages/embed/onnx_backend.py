@@ -50,7 +50,7 @@ class OnnxEncoder:
 
     @functools.cached_property
     def pixel_values(self) -> Callable[[Iterable[Image.Image]], np.ndarray]:
-        return pixel_values_function(self.processor.image_processor)
+        return pixel_values_function(self.processor)
 
     def encode_pixels(self, pixels: np.ndarray | dict[str, Any]) -> np.ndarray:
         values = pixels["pixel_values"] if isinstance(pixels, dict) else pixels

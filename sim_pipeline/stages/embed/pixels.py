@@ -95,9 +95,11 @@ def _level_table(scale: float, mean: list[float], std: list[float]) -> np.ndarra
 
 def pixel_values_function(processor: Any
                           ) -> Callable[[Iterable[Image.Image]], np.ndarray | dict[str, Any]]:
-    """The fast path when it matches ``processor`` (an image processor): the ``pixel_values``
-    array; else the processor itself: all of its model inputs (SigLIP 2 adds masks and shapes)."""
-    fast = FastClipPixels.matching(processor)
+    """The fast path when it matches ``processor.image_processor``: the ``pixel_values`` array;
+    else the checkpoint's processor itself, called as its reference computation calls it (its
+    own defaults apply, e.g. SigLIP 2's patch budget): all of its model inputs."""
+    image_processor = getattr(processor, "image_processor", processor)
+    fast = FastClipPixels.matching(image_processor)
     if fast is not None:
         return fast
     return lambda images: dict(processor(images=list(images), return_tensors="np"))
