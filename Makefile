@@ -2,27 +2,42 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
-TORCH  := torch==2.13.0
-CLIP_VOCAB := open_clip_torch==3.3.0
+PINS   := constraints.txt
 CSV    ?=
 ARGS   ?=
+# One stamp per install set, so `make run` after `make test` (and the reverse) each find theirs.
+BASE_STAMP  := $(VENV)/.installed-torch
+RUN_STAMP   := $(VENV)/.installed-run
+VOCAB_STAMP := $(VENV)/.installed-clip-vocab
+ALL_STAMP   := $(VENV)/.installed-all
 
-.PHONY: setup run test lint random-model clean
+.PHONY: setup run test lint random-model demo clean
 
-setup: $(STAMP)
+setup: $(ALL_STAMP)
 
-# torch first and pinned: a looser requirement would pull a multi-GB CUDA build.
-# open_clip_torch only supplies the CLIP BPE vocabulary for test checkpoints (no deps needed).
-$(STAMP): pyproject.toml
+# torch first and pinned (constraints.txt): a looser requirement would pull a multi-GB CUDA build.
+$(BASE_STAMP): $(PINS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[s3,onnx,airflow,dev]'
-	$(BIN)/pip install --quiet --no-deps $(CLIP_VOCAB)
-	touch $(STAMP)
+	$(BIN)/pip install --quiet -c $(PINS) torch
+	touch $@
 
-run: setup
+# Scoring a CSV: the core dependencies and S3 stores, nothing of Airflow.
+$(RUN_STAMP): $(BASE_STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -c $(PINS) -e '.[s3]'
+	touch $@
+
+# open_clip_torch only supplies the CLIP BPE vocabulary for random-weight checkpoints (no deps).
+$(VOCAB_STAMP): $(BASE_STAMP)
+	$(BIN)/pip install --quiet --no-deps -c $(PINS) open_clip_torch
+	touch $@
+
+# Tests: every extra.
+$(ALL_STAMP): $(BASE_STAMP) $(VOCAB_STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -c $(PINS) -e '.[s3,onnx,serve,airflow,dev]'
+	touch $@
+
+run: $(RUN_STAMP)
 	@test -n "$(CSV)" || { echo "usage: make run CSV=path/to/pairs.csv [ARGS='--chunk-size 5000']"; exit 2; }
 	$(BIN)/sim-pipeline score "$(CSV)" $(ARGS)
 
@@ -34,8 +49,12 @@ lint: setup
 	$(BIN)/ruff check .
 
 # A random-weight CLIP for offline trials: its scores are meaningless.
-random-model: setup
+random-model: $(RUN_STAMP) $(VOCAB_STAMP)
 	$(BIN)/python -m tests.support.random_model .sim-pipeline/random-clip
+
+# Offline, about a minute: random-weight model, images on 127.0.0.1, examples/pairs.csv scored.
+demo: $(RUN_STAMP) $(VOCAB_STAMP)
+	$(BIN)/python examples/demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .sim-pipeline .pytest_cache

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -94,7 +95,9 @@ def prepare(home: Path, env: Mapping[str, str], gpu_slots: int | None) -> None:
 def start(home: Path, port: int, env: Mapping[str, str]) -> dict[str, subprocess.Popen[bytes]]:
     """Each component in its own session (process group), its output in AIRFLOW_HOME/logs."""
     commands = {"api-server": ["api-server", "--host", "127.0.0.1", "--port", str(port)],
-                "scheduler": ["scheduler"], "dag-processor": ["dag-processor"]}
+                # No log server: it would bind every interface (Airflow hard-codes it), and the
+                # api-server reads task logs from this machine's log folder anyway.
+                "scheduler": ["scheduler", "--skip-serve-logs"], "dag-processor": ["dag-processor"]}
     (home / "logs").mkdir(parents=True, exist_ok=True)
     processes = {}
     for name, args in commands.items():
@@ -104,6 +107,16 @@ def start(home: Path, port: int, env: Mapping[str, str]) -> dict[str, subprocess
                 stdin=subprocess.DEVNULL, start_new_session=True)
     (home / "pids.json").write_text(json.dumps({n: p.pid for n, p in processes.items()}))
     return processes
+
+
+def port_is_free(port: int) -> bool:
+    """Whether the api-server could bind the port: else "Airflow is up" would be someone else."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_for_api(port: int, processes: Mapping[str, subprocess.Popen[bytes]],
@@ -153,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="AIRFLOW_HOME of this Airflow (default .sim-pipeline/airflow)")
     args = parser.parse_args(argv)
     home = args.home.resolve()
+    if not port_is_free(args.port):
+        print(f"Port {args.port} on 127.0.0.1 is in use; pick another with --port "
+              "(make airflow AIRFLOW_PORT=...).", file=sys.stderr)
+        return 2
     env = airflow_environ(home, args.port, os.environ)
     prepare(home, env, args.gpu_slots)
     stopping: list[int] = []

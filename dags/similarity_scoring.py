@@ -1,27 +1,37 @@
-"""similarity_scoring: how well each caption describes its image (CLIP), one mapped task per chunk.
+"""similarity_scoring: how well each caption describes its image (CLIP), chunk by chunk.
 
-    plan_chunks -> fetch_images[chunk] -> embed_images[chunk] -> join_score[chunk] -> finalize
-                                       -> embed_texts[chunk]  -^
+```
+input CSV ──> plan ──┬──> chunk 0: fetch-images ──> embed-images ──┬──> join-score ──┐
+                     │             embed-texts ────────────────────┘    (rows upserted │
+                     ├──> chunk 1: ...                                   into the      ├──> finalize ──> scored CSV
+                     └──> chunk N: ...                                   results table)┘               + report
+```
 
-``[chunk]`` is one mapped task per chunk (``.expand(chunk=chunks)``).
+Each chunk is one instance of the mapped task group ``score_chunk`` and flows through its stages
+on its own (depth-first): chunk 0 is embedded while chunk 1 is still being fetched, and
+``embed_texts`` needs no image, so it starts with the fetch. ``finalize`` waits for every chunk.
 
 Trigger it with ``{"csv_path": "s3://bucket/pairs.csv"}``; nightly runs read the input of their
 logical date (``SIM_PIPELINE_NIGHTLY_INPUT``, default ``<store>/incoming/{{ ds }}.csv``) and skip
 when it is missing. Tasks pass only chunk descriptors; images and embeddings stay in the object
-store, scores land in the results table under the Airflow run id. Every stage is the library's
+store, scores land in the results table under the Airflow run id, whose status follows the DAG
+run's (a failed run is marked ``failed``). Every stage is the library's
 (``sim_pipeline.runners.dispatch``), imported inside the task: parsing never loads torch.
 ``embed_images`` and ``embed_texts`` run in-process, or as one Kubernetes pod per chunk with
 ``SIM_PIPELINE_EXECUTION=kubernetes``. The Airflow glue lives in ``plugins/sim_airflow``.
 """
 
+# The docstring's diagram is ARCHITECTURE.md's, character for character, wider than our lines.
+# ruff: noqa: E501
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from airflow.sdk import chain, dag, task
+from airflow.sdk import chain, dag, task, task_group
 from sim_airflow.options import FETCH, RETRIES, params, schedule
-from sim_airflow.tasks import chunk_task, inference_task
+from sim_airflow.status import mark_run_failed
+from sim_airflow.tasks import LABEL_MACROS, chunk_task, inference_task
 
 Chunk = dict[str, Any]
 Counts = dict[str, Any]
@@ -40,6 +50,15 @@ embed_texts = inference_task("embed-texts")
 join_score = chunk_task("join-score")
 
 
+@task_group
+def score_chunk(chunk: Chunk) -> Any:
+    """One chunk through its stages; the texts are embedded beside the image fetch."""
+    scored = join_score(chunk=chunk)
+    chain(fetch_images(chunk=chunk), embed_images(chunk=chunk), scored)
+    embed_texts(chunk=chunk) >> scored
+    return scored
+
+
 @task
 def finalize(scored: list[Counts]) -> Counts:
     from sim_airflow.runs import finalize_run
@@ -48,13 +67,10 @@ def finalize(scored: list[Counts]) -> Counts:
 
 
 @dag(schedule=schedule(), start_date=datetime(2024, 1, 1, tzinfo=UTC), catchup=False,
-     params=params(), default_args=RETRIES, tags=["sim-pipeline"], doc_md=__doc__)
+     params=params(), default_args=RETRIES, on_failure_callback=mark_run_failed,
+     user_defined_macros=LABEL_MACROS, tags=["sim-pipeline"], doc_md=__doc__)
 def similarity_scoring() -> None:
-    chunks = plan_chunks()
-    fetched = fetch_images.expand(chunk=chunks)
-    embedded = [embed_images.expand(chunk=chunks), embed_texts.expand(chunk=chunks)]
-    scored = join_score.expand(chunk=chunks)
-    chain(fetched, embedded, scored, finalize(scored))
+    finalize(score_chunk.expand(chunk=plan_chunks()))
 
 
 similarity_scoring()

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from sim_pipeline.core.config import DEVICES, PRECISIONS, Settings, load_settings, user_settings
 from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.faults import Terminated, debug_requested, known_fault, sigterm_stops
 from sim_pipeline.core.layout import STAGES
 from sim_pipeline.results.cli import register as register_results
 from sim_pipeline.stages.embed.native_memory import limit_malloc_arenas
@@ -30,6 +31,9 @@ SETTING_HELP = {
     "refetch_errors": "fetch again URLs whose cached fetch failed (after changing limits)",
     "fetch_processes": "0: one per CPU core, for chunks of 1,000+ URLs",
     "user_agent": "sent with every image request",
+    "db_retry_seconds": "how long writes retry a results database that stopped answering",
+    "inference_url": "embed through this `sim-pipeline serve` instead of a model in-process",
+    "inference_api_key": "the service's API key, if it asks for one",
 }
 SETTING_CHOICES = {"device": DEVICES, "precision": PRECISIONS}
 
@@ -37,6 +41,8 @@ SETTING_CHOICES = {"device": DEVICES, "precision": PRECISIONS}
 def _settings_flags() -> argparse.ArgumentParser:
     """One flag per ``Settings`` field (``--batch-size``...); each also reads its env var."""
     parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of a failure (also SIM_PIPELINE_DEBUG=1)")
     group = parent.add_argument_group("settings (each also read from SIM_PIPELINE_<NAME>)")
     for f in user_settings():
         flag = "--" + f.name.replace("_", "-")
@@ -63,6 +69,26 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from sim_pipeline.core.store import open_store
+    from sim_pipeline.runners.store_verify import verify_store
+
+    store = open_store(settings_from(args).store)
+    verdict = verify_store(store, repair=args.repair)
+    print(verdict.render(store.uri))
+    return 1 if verdict.damaged and not args.repair else 0
+
+
+def _add_store(commands: argparse._SubParsersAction, flags: argparse.ArgumentParser) -> None:
+    store = commands.add_parser("store", help="look after the object store")
+    sub = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
+    verify = sub.add_parser("verify", parents=[flags], help="check every object against its "
+                            "recorded digest (exit 1 when some are damaged)")
+    verify.add_argument("--repair", action="store_true",
+                        help="remove the damaged objects: the next run recomputes them")
+    verify.set_defaults(handler=cmd_store_verify)
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from sim_pipeline.runners.pipeline import fetch_csv
 
@@ -80,9 +106,47 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sim_pipeline.serve.options import ServeOptions
+    from sim_pipeline.serve.run import serve
+    from sim_pipeline.serve.security import api_keys_from
+
+    settings = settings_from(args)
+    options = ServeOptions(
+        host=args.host, port=args.port, max_batch_size=args.max_batch_size or settings.batch_size,
+        max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_items=args.max_items,
+        max_body_bytes=args.max_body_bytes, drain_seconds=args.drain_seconds,
+        api_keys=api_keys_from())
+    serve(settings, options)
+    return 0
+
+
+def _add_serve(commands: argparse._SubParsersAction, flags: argparse.ArgumentParser) -> None:
+    serve = commands.add_parser("serve", parents=[flags], help="score online: an HTTP service "
+                                "holding the model (docs/service.md)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="bind address; any other than 127.0.0.1 needs SIM_PIPELINE_API_KEYS")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch-size", type=int,
+                       help="items per forward pass (default: --batch-size)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a batch waits for more items; 0: never")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="items in flight; past it requests get 503 with Retry-After")
+    serve.add_argument("--max-items", type=int, default=256,
+                       help="pairs, images or texts per request (at most 1000)")
+    serve.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
+                       help="larger request bodies get 413")
+    serve.add_argument("--drain-seconds", type=int, default=30,
+                       help="after SIGTERM, how long requests in flight may take to finish")
+    serve.set_defaults(handler=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     flags = _settings_flags()
     parser = argparse.ArgumentParser(prog="sim-pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a failure (also SIM_PIPELINE_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     score = commands.add_parser("score", parents=[flags], help="score a CSV end to end")
@@ -104,25 +168,44 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--output", help="scored CSV path (finalize only)")
     stage.set_defaults(handler=cmd_stage)
 
+    _add_serve(commands, flags)
+    _add_store(commands, flags)
     register_results(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; faults end in one line on stderr (exit 2), never a traceback unless
+    ``--debug`` or ``SIM_PIPELINE_DEBUG=1`` asks for it."""
     limit_malloc_arenas()
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
-        return handler(args)
+        with sigterm_stops():
+            return handler(args)
     except UserError as error:
-        print(f"sim-pipeline: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(str(error), 2)
     except KeyboardInterrupt:
-        print("sim-pipeline: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return _fail("interrupted; rerun the same command to resume", 130)
+    except Terminated:
+        return _fail("stopped by SIGTERM; rerun the same command to resume", 143)
     except BrokenPipeError:  # output piped into `head` and friends: not an error
         sys.stderr.close()
         return 0
+    except Exception as error:
+        if debug_requested(getattr(args, "debug", False)):
+            raise
+        sentence = known_fault(error)
+        if sentence is not None:
+            return _fail(sentence, 2)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return _fail(f"unexpected {type(error).__name__}{': ' + first if first else ''}; rerun "
+                     "with --debug to see where, and report it", 1)
+
+
+def _fail(message: str, status: int) -> int:
+    print(f"sim-pipeline: error: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -210,7 +210,8 @@ def cmd_dagbag(_: Any) -> dict[str, Any]:
         "tasks": {} if dag is None else {t.task_id: {
             "upstream": sorted(t.upstream_task_ids), "pool": t.pool,
             "retries": t.retries, "operator": getattr(t, "operator_class", type(t)).__name__,
-            "mapped": t.is_mapped} for t in dag.tasks},
+            "mapped": t.is_mapped or t.get_closest_mapped_task_group() is not None,
+            "map_index_template": t.map_index_template} for t in dag.tasks},
         "schedule": None if dag is None else getattr(dag.timetable, "expression", None),
         "catchup": None if dag is None else dag.catchup,
         "params": {} if dag is None else {k: dag.params.get_param(k).description
@@ -235,14 +236,33 @@ def cmd_dag_test(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"bag": bag, "runs": results}
 
 
-def task_states(run_id: str) -> list[tuple[str, int, str, int]]:
+def task_states(run_id: str) -> list[tuple[str, int, str, int, str | None]]:
+    """(task id, map index, state, try number, the map index's label) of each task instance."""
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
     with create_session() as session:
         tis = session.query(TaskInstance).filter(TaskInstance.run_id == run_id,
                                                  TaskInstance.dag_id == DAG_ID).all()
-        return sorted((ti.task_id, ti.map_index, str(ti.state), ti.try_number) for ti in tis)
+        return sorted((ti.task_id, ti.map_index, str(ti.state), ti.try_number,
+                       ti.rendered_map_index) for ti in tis)
+
+
+def cmd_params(confs: list[dict[str, Any]]) -> list[str | None]:
+    """Validate each conf against the trigger form, as a trigger would: the error, or None."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import ParamValidationError
+
+    errors: list[str | None] = []
+    for conf in confs:
+        params = DagBag(dag_folder=str(REPO / "dags")).dags[DAG_ID].params
+        try:
+            params.update(conf)  # each value is checked against its Param's schema
+            params.validate()
+            errors.append(None)
+        except (ParamValidationError, ValueError) as error:
+            errors.append(str(error))
+    return errors
 
 
 def cmd_pod(payload: dict[str, Any]) -> dict[str, Any]:
@@ -259,7 +279,8 @@ def cmd_pod(payload: dict[str, Any]) -> dict[str, Any]:
     return {"bag": bag, "pod": ApiClient().sanitize_for_serialization(pod)}
 
 
-COMMANDS = {"dagbag": cmd_dagbag, "dag-test": cmd_dag_test, "pod": cmd_pod}
+COMMANDS = {"dagbag": cmd_dagbag, "dag-test": cmd_dag_test, "pod": cmd_pod,
+            "params": cmd_params}
 
 
 def main(argv: Sequence[str]) -> None:

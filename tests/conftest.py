@@ -1,4 +1,8 @@
-"""Real parts for the tests: a tiny CLIP checkpoint, an image server on loopback, PostgreSQL."""
+"""Real parts for the tests: a tiny CLIP checkpoint, an image server on loopback, PostgreSQL.
+
+PostgreSQL is the server on 127.0.0.1:5432 (or ``SIM_TEST_PG_ADMIN_URL``) when one answers, else a
+throwaway cluster this session starts from the system's binaries (tests/support/postgres.py).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import io
 import socket
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 from PIL import Image
 
 from sim_pipeline.core.config import Settings
+from tests.support import postgres
 from tests.support.random_model import build_random_clip
-
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
 def make_image(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (96, 64),
@@ -120,22 +121,20 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A throwaway database on the local PostgreSQL, dropped after the session."""
-    name = f"sim_test_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+def pg_admin_url() -> Iterator[str]:
+    """The admin URL of a PostgreSQL server: the local one, or one started for this session."""
     try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as error:
-        pytest.fail(f"PostgreSQL must run on 127.0.0.1:5432 for these tests: {error}")
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    from sim_pipeline.results.db import _engine
+        with postgres.admin_url() as url:
+            yield url
+    except postgres.PostgresUnavailable as error:
+        pytest.fail(str(error), pytrace=False)
 
-    _engine.cache_clear()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A throwaway database on that server, dropped after the session."""
+    with postgres.database(pg_admin_url) as url:
+        yield url
 
 
 @pytest.fixture

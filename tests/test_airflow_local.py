@@ -3,7 +3,8 @@
 One launcher (bin/airflow_local.py) serves the whole module: a run triggered over the REST API
 completes; clearing join_score re-runs it without changing a row; a two-day backfill through the
 `airflow backfill create` CLI scores each day's file once, and clearing a day re-runs it under the
-same run id, replacing its rows; the nightly run of a day without a file skips; SIGTERM then stops
+same run id, replacing its rows; the nightly run of a day without a file skips; a run that fails on
+its own, and one a person marks failed, close their scoring runs as failed; SIGTERM then stops
 every process it started, the scheduler first. The manual run and the backfill share the
 scheduler, as they would in production. Store on disk, results in PostgreSQL through
 SIM_PIPELINE_DATABASE_URL: the env-var fallback, where test_airflow_dag.py uses connections.
@@ -41,6 +42,7 @@ from tests.conftest import ImageServer
 from tests.pairs import serve_good_images
 
 DAYS = {"2024-03-01": 3, "2024-03-02": 4}  # nightly input files and their row counts
+JOIN = "score_chunk.join_score"
 
 
 @dataclass
@@ -74,6 +76,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, pg_url: str
     env = airflow_env(home, {
         "SIM_PIPELINE_STORE": str(store), "SIM_PIPELINE_DATABASE_URL": pg_url,
         "SIM_PIPELINE_MODEL": str(tiny_model), "SIM_PIPELINE_DEVICE": "cpu",
+        "SIM_PIPELINE_CHUNK_SIZE": "3",  # below the form's floor: only the env may go that low
         "SIM_PIPELINE_FETCH_TIMEOUT": "3", "SIM_PIPELINE_ALLOW_HOSTS": image_server.allow_hosts})
     urls = serve_good_images(image_server, 5, prefix="live")
     for day, rows in DAYS.items():
@@ -91,7 +94,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, pg_url: str
         live.api.wait(lambda: live.api.has_dag(), "the dag-processor to parse the DAG", 60)
         # Both start now and share the scheduler, as they would in production.
         live.manual_run = live.api.trigger(
-            {"csv_path": str(write_pairs(root / "manual.csv", urls)), "chunk_size": 3})
+            {"csv_path": str(write_pairs(root / "manual.csv", urls))})
         backfill(live, "--from-date", "2024-03-01", "--to-date", "2024-03-02T02:00:00+00:00")
         yield live
     finally:
@@ -111,7 +114,7 @@ def test_a_run_triggered_over_rest_completes_through_the_scheduler(
         live: Live, pg_url: str) -> None:
     run_id = live.manual_run  # {"csv_path": ...} posted as the UI's trigger form does
     assert live.api.wait_for_run(run_id) == "success"
-    assert task_states(live, run_id)["join_score"] == ["success", "success"]
+    assert task_states(live, run_id)[JOIN] == ["success", "success"]
     assert [r["row_number"] for r in score_rows(pg_url, run_id)] == list(range(len(live.urls)))
     assert run_status(pg_url, run_id)["status"] == "succeeded"
 
@@ -120,12 +123,12 @@ def test_clearing_join_score_reruns_it_and_changes_no_row(live: Live, pg_url: st
     run_id = live.manual_run
     assert live.api.wait_for_run(run_id) == "success"
     before = score_rows(pg_url, run_id)
-    live.api.clear(run_id, ["join_score"])  # and what follows it: finalize
+    live.api.clear(run_id, [JOIN])  # and what follows it: finalize
     assert live.api.wait_for_run(run_id) == "success"
     tries = {(ti["task_id"], ti["map_index"]): ti["try_number"]
              for ti in live.api.task_instances(run_id)}
-    assert tries[("join_score", 0)] == tries[("join_score", 1)] == tries[("finalize", -1)] == 2
-    assert tries[("embed_images", 0)] == 1
+    assert tries[(JOIN, 0)] == tries[(JOIN, 1)] == tries[("finalize", -1)] == 2
+    assert tries[("score_chunk.embed_images", 0)] == 1
     after = score_rows(pg_url, run_id)
     assert without(after, "scored_at") == without(before, "scored_at")
 
@@ -194,6 +197,41 @@ def test_the_nightly_run_of_a_day_without_its_file_skips(live: Live, pg_url: str
     day = datetime.fromisoformat(scheduled[0]["logical_date"]).astimezone(UTC).date()
     log = next((live.home / "logs").glob(f"dag_id=*/run_id={run_id}/task_id=plan_chunks/*.log"))
     assert f"No nightly input for {day}" in log.read_text()
+
+
+def results_runs(live: Live) -> str:
+    """What `sim-pipeline results runs` prints for the launcher's results database."""
+    done = subprocess.run([str(Path(PYTHON).with_name("sim-pipeline")), "results", "runs"],
+                          env=live.env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def status_line(live: Live, run_id: str) -> str:
+    return next((line for line in results_runs(live).splitlines() if run_id in line), "")
+
+
+def test_a_run_that_fails_on_its_own_is_marked_failed_within_a_minute(
+        live: Live, pg_url: str, tmp_path: Path) -> None:
+    """The DAG's on_failure_callback, run by the dag-processor, closes the scoring run."""
+    run_id = live.api.trigger({"csv_path": str(write_pairs(tmp_path / "in.csv", live.urls)),
+                               "output_path": "/dev/null/scored.csv"})  # finalize cannot write
+    assert live.api.wait_for_run(run_id) == "failed"
+    live.api.wait(lambda: (run_status(pg_url, run_id) or {}).get("status") == "failed",
+                  "the scoring run to be marked failed", timeout=60)
+    assert "failed" in status_line(live, run_id)
+
+
+def test_a_run_marked_failed_by_hand_is_marked_failed_within_a_minute(
+        live: Live, pg_url: str, tmp_path: Path) -> None:
+    """Airflow calls no DAG callback then; the plugin's listener does the work."""
+    run_id = live.api.trigger({"csv_path": str(write_pairs(tmp_path / "in.csv", live.urls))})
+    live.api.wait(lambda: run_status(pg_url, run_id) is not None, "the run to be planned")
+    live.api.call("PATCH", live.api.run_path(run_id), {"state": "failed"})
+    live.api.wait(lambda: run_status(pg_url, run_id)["status"] == "failed",
+                  "the scoring run to be marked failed", timeout=60)
+    assert live.api.call("GET", live.api.run_path(run_id))["state"] == "failed"
+    assert "failed" in status_line(live, run_id)
 
 
 def test_sigterm_stops_the_scheduler_first_then_every_process(live: Live) -> None:

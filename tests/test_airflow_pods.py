@@ -77,12 +77,13 @@ def test_placement_comes_from_the_pod_settings(rendered: dict[str, Any]) -> None
 def test_only_the_embedding_stages_become_pods_in_the_gpu_pool(rendered: dict[str, Any]) -> None:
     tasks = rendered["bag"]["tasks"]
     assert rendered["bag"]["import_errors"] == {}
-    assert {t: info["operator"] for t, info in tasks.items() if info["operator"] ==
-            "StagePodOperator"} == {"embed_images": "StagePodOperator",
-                                    "embed_texts": "StagePodOperator"}
-    assert tasks["embed_images"]["pool"] == tasks["embed_texts"]["pool"] == "gpu"
-    assert tasks["embed_images"]["mapped"] and tasks["embed_texts"]["mapped"]
-    assert tasks["join_score"]["upstream"] == ["embed_images", "embed_texts", "plan_chunks"]
+    images, texts = "score_chunk.embed_images", "score_chunk.embed_texts"
+    assert {t for t, info in tasks.items() if info["operator"] == "StagePodOperator"} == \
+        {images, texts}
+    assert tasks[images]["pool"] == tasks[texts]["pool"] == "gpu"
+    assert tasks[images]["mapped"] and tasks[texts]["mapped"]  # one pod per chunk
+    assert tasks[images]["map_index_template"] == "{{ chunk_label(task.chunk) }}"
+    assert tasks["score_chunk.join_score"]["upstream"] == ["plan_chunks", images, texts]
     assert rendered["bag"]["heavy_modules"] == []
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 
 from sim_pipeline.core import errors
@@ -18,7 +20,8 @@ def _later(code: errors.ErrorCode) -> str:
 def error_code_table() -> str:
     """The README's table of codes, as ``errors.CODES`` (and the ``http_<status>`` rule) say."""
     rows = [("`" + name + "`", code) for name, code in errors.CODES.items()]
-    rows.insert(8, ("`http_<status>`", errors.describe("http_404")))
+    after = [name for name, _ in rows].index("`" + errors.CONNECTION_ERROR + "`") + 1
+    rows.insert(after, ("`http_<status>`", errors.describe("http_404")))
     lines = ["| code | stage | meaning | retried in the run | retried by a later run |",
              "| --- | --- | --- | --- | --- |"]
     for name, code in rows:
@@ -40,3 +43,87 @@ def test_http_codes_are_retried_exactly_for_408_429_and_5xx() -> None:
     assert retried == {408, 429, *range(500, 600)}
     assert errors.is_transient("timeout") and not errors.retry_now("timeout")
     assert errors.describe("not_a_code") is None and not errors.is_transient(None)
+
+
+DOCS = README.parent / "docs"
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^(```|~~~)")
+
+
+def _prose_lines(text: str) -> list[str]:
+    """The lines outside fenced code blocks: a `# comment` in a shell example is no heading."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line.strip()):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens, -N after."""
+    found: set[str] = set()
+    repeats: dict[str, int] = {}
+    for line in _prose_lines(path.read_text(encoding="utf-8")):
+        heading = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            count = repeats.get(slug, 0)
+            repeats[slug] = count + 1
+            found.add(slug if count == 0 else f"{slug}-{count}")
+    return found
+
+
+def broken_links(page: Path) -> list[str]:
+    broken = []
+    for line in _prose_lines(page.read_text(encoding="utf-8")):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto: are not checked offline
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (page.parent / file_part).resolve() if file_part else page
+            if not linked.exists():
+                broken.append(f"{target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{target} (no heading #{anchor} in {linked.name})")
+    return broken
+
+
+def test_every_relative_link_in_readme_and_docs_resolves() -> None:
+    pages = [README, *sorted(DOCS.glob("*.md"))]
+    assert len(pages) > 1, "docs/ holds the details README links to"
+    broken = {page.name: found for page in pages if (found := broken_links(page))}
+    assert not broken, broken
+
+
+def pipeline_diagram(text: str) -> str:
+    """The fenced block that draws the pipeline (the one starting at the input CSV)."""
+    blocks, current = [], None
+    for line in text.splitlines(keepends=True):
+        if FENCE.match(line.strip()):
+            if current is None:
+                current = []
+            else:
+                blocks.append("".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    drawn = [block for block in blocks if block.startswith("input CSV")]
+    assert len(drawn) == 1, "expected exactly one pipeline diagram"
+    return drawn[0]
+
+
+def test_the_pipeline_diagram_is_the_same_in_readme_architecture_and_the_dag() -> None:
+    root = README.parent
+    architecture = pipeline_diagram((root / "ARCHITECTURE.md").read_text(encoding="utf-8"))
+    dag_doc = ast.get_docstring(ast.parse((root / "dags" / "similarity_scoring.py").read_text(
+        encoding="utf-8")), clean=False)
+    assert dag_doc is not None
+    assert pipeline_diagram(README.read_text(encoding="utf-8")) == architecture
+    assert pipeline_diagram(dag_doc) == architecture
+
+
+def test_readme_is_a_five_minute_read() -> None:
+    size = len(README.read_text(encoding="utf-8").encode())
+    assert size <= 14_000, f"README.md is {size:,} bytes; move details into docs/"

@@ -78,7 +78,7 @@ def test_replanning_the_same_input_reuses_the_plan(tmp_path: Path) -> None:
     (b"", "is empty"),
     (b"name,caption\nx,y\n", "No url column found"),
     (b"url,description\nhttp://a.test/x,y\n", "No caption column found"),
-    (b"url,caption\n\xff\xfe\xfa bad bytes,y\n", "not a readable UTF-8 CSV"),
+    ("url,caption\nhttp://a.test/x,y\n".encode("utf-16-le"), "not a CSV file"),
 ])
 def test_unusable_input_exits_non_zero_with_one_sentence(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], settings: Settings,

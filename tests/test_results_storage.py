@@ -23,7 +23,6 @@ import sqlalchemy as sa
 from sim_pipeline.core.layout import sha256_hex
 from sim_pipeline.results.db import (
     ResultsDB,
-    _engine,
     apply_schema,
     schema_files,
     scoring_runs,
@@ -37,7 +36,7 @@ from sim_pipeline.results.query import (
     prunable_runs,
     stage_times,
 )
-from tests.conftest import PG_ADMIN_URL
+from tests.support import postgres
 
 REPO = Path(__file__).resolve().parent.parent
 CHUNK = 500
@@ -106,15 +105,8 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fresh.db'}"
         return
-    name = f"sim_fresh_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    _engine.cache_clear()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with postgres.database(request.getfixturevalue("pg_admin_url"), "sim_fresh") as url:
+        yield url
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

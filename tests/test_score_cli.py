@@ -113,7 +113,7 @@ def test_same_input_gives_the_same_output_bytes(tmp_path: Path, settings: Settin
 
 def test_a_crash_halfway_is_completed_by_a_rerun(
         tmp_path: Path, settings: Settings, image_server: ImageServer,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     urls = serve_good_images(image_server, 12, prefix="crash")
     source = write_cases(tmp_path / "pairs.csv",
                          [Case(u, f"caption {i}", None) for i, u in enumerate(urls)])
@@ -125,8 +125,10 @@ def test_a_crash_halfway_is_completed_by_a_rerun(
         return real(chunk, store, settings, results)
 
     monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, crash_on_second_chunk)
+    assert score(source, settings, "--chunk-size", "5") == 1
+    assert "unexpected RuntimeError: simulated crash; rerun with --debug" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="simulated crash"):
-        score(source, settings, "--chunk-size", "5")
+        score(source, settings, "--chunk-size", "5", "--debug")
     assert not (tmp_path / "pairs_scored.csv").exists()
     fetched = image_server.total_requests()
 

@@ -22,7 +22,7 @@ from kubernetes.client import models as k8s
 
 from sim_airflow.options import pod_settings_json
 from sim_airflow.pools import GPU_POOL
-from sim_airflow.tasks import task_id
+from sim_airflow.tasks import POD_LABEL, task_id
 
 GPU = "nvidia.com/gpu"
 
@@ -98,7 +98,8 @@ class StagePodOperator(KubernetesPodOperator):
     """One library stage on one chunk in a pod: ``sim-pipeline stage STAGE --run-id R --chunk I``.
     """
 
-    template_fields = (*KubernetesPodOperator.template_fields, "model")
+    # ``chunk`` is the mapped task group's argument: rendering resolves it to this chunk's dict.
+    template_fields = (*KubernetesPodOperator.template_fields, "model", "chunk")
 
     def __init__(self, *, stage: str, chunk: Mapping[str, Any], model: str | None = None,
                  **kwargs: Any) -> None:
@@ -114,7 +115,7 @@ class StagePodOperator(KubernetesPodOperator):
 
 @dataclass(frozen=True)
 class GpuPodStage:
-    """Stands in for the in-process task: ``.expand(chunk=...)`` maps one pod per chunk."""
+    """Stands in for the in-process task: called in the mapped task group, one pod per chunk."""
 
     stage: str
     settings: PodSettings
@@ -123,11 +124,10 @@ class GpuPodStage:
     def task_id(self) -> str:
         return task_id(self.stage)
 
-    def expand(self, *, chunk: Any) -> Any:
-        partial = StagePodOperator.partial(
-            task_id=self.task_id, stage=self.stage, model="{{ params.model or '' }}",
-            pool=GPU_POOL, **self.settings.operator_kwargs())
-        return partial.expand(chunk=chunk)
+    def __call__(self, *, chunk: Any) -> StagePodOperator:
+        return StagePodOperator(
+            task_id=self.task_id, stage=self.stage, chunk=chunk, model="{{ params.model or '' }}",
+            pool=GPU_POOL, map_index_template=POD_LABEL, **self.settings.operator_kwargs())
 
 
 def gpu_pod(stage: str) -> GpuPodStage:

@@ -3,14 +3,20 @@
 This module only adapts them to Airflow: the run id is Airflow's run id, runs without ``csv_path``
 read the nightly input of their logical date (and skip when it is missing), s3:// inputs and outputs
 travel through the aws connection (the amazon provider's ``S3Hook``; the library's store gets the
-same connection as ``Settings.s3``), and the plan never needs more mapped tasks than Airflow allows.
+same connection as ``Settings.s3``), the plan never needs more mapped tasks than Airflow allows, an
+input or model no retry can fix fails the task at once (``failures``), and each stage's log says
+how it is going (``progress``). Unless the run's ``output_path`` says otherwise, its scored CSV and
+report are named after the run id, beside the input, so runs never overwrite each other.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -19,8 +25,11 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Context, get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from sim_airflow.failures import INPUT_FIELD, OUTPUT_FIELD, fail_at_once_when_hopeless
 from sim_airflow.options import nightly_input
+from sim_airflow.progress import progress_lines, summary
 from sim_airflow.settings import s3_conn_id, task_settings
+from sim_airflow.tasks import chunk_label
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -70,9 +79,17 @@ def check_input(location: str, context: Context) -> None:
     if input_exists(location):
         return
     if context["params"].get("csv_path"):
-        raise AirflowFailException(f"Input {location} does not exist.")
-    raise AirflowSkipException(f"No nightly input for {context.get('ds')}: {location} does not "
-                               "exist, so this run scores nothing and skips.")
+        raise AirflowFailException(f"Input {location} does not exist; check the trigger form's "
+                                   f"{INPUT_FIELD!r} field.")
+    skip(f"No nightly input for {context.get('ds')}: {location} does not exist, so this run "
+         "scores nothing and skips.")
+
+
+def skip(reason: str) -> None:
+    """Skip the task, saying why at INFO first: the skip's own message lands in a collapsed
+    log group that nobody opens."""
+    log.info(reason)
+    raise AirflowSkipException(reason)
 
 
 @contextmanager
@@ -114,11 +131,10 @@ def plan_run() -> list[Chunk]:
     settings = task_settings(context["params"], run_id=context["run_id"])
     location = input_location(context, settings)
     check_input(location, context)
-    with local_copy(location) as path:
+    with fail_at_once_when_hopeless(INPUT_FIELD), local_copy(location) as path:
         rows = count_rows(path, settings)
         if rows == 0:
-            raise AirflowSkipException(f"Input {location} has a header but no rows: "
-                                       "nothing to score.")
+            skip(f"Input {location} has a header but no rows: nothing to score.")
         chunk_size = fit_chunk_size(rows, settings.chunk_size, max_map_length())
         if chunk_size != settings.chunk_size:
             log.warning("Input %s has %d rows: chunk size grown from %d to %d so the run "
@@ -135,27 +151,52 @@ def run_stage(stage: str, chunk: Mapping[str, Any]) -> dict[str, Any]:
     from sim_pipeline.runners import dispatch as stages
 
     settings = task_settings(get_current_context()["params"], run_id=chunk["run_id"])
-    result = stages.chunk_stage(stage, settings, int(chunk["index"]))
-    log.info("%s, chunk %s of run %s (%s rows): %s", stage, chunk["index"], chunk["run_id"],
-             chunk["rows"], result)
+    what = f"{stage}, {chunk_label(chunk)}"
+    started = time.monotonic()
+    with fail_at_once_when_hopeless(INPUT_FIELD), progress_lines(what):
+        result = stages.chunk_stage(stage, settings, int(chunk["index"]))
+    log.info(summary(what, int(chunk["rows"]), time.monotonic() - started, result))
     return result
 
 
-def default_output(location: str) -> str | None:
-    """``<input>_scored.csv`` beside an s3:// input; None lets the library place a local one."""
-    if not is_s3(location):
-        return None
+def safe_run_id(run_id: str) -> str:
+    """The run id as part of a file name: ``manual__2025-01-01T00:00:00+00:00`` becomes
+    ``manual__2025-01-01T00-00-00-00-00`` (no colons or plus signs, which shells and some
+    file systems and S3 tools mishandle)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-")
+
+
+def default_output(location: str, run_id: str) -> str:
+    """``<input>_<run id>_scored.csv`` beside the input (local or s3://)."""
     from sim_pipeline.stages.finalize import default_output_path
 
+    def named(path: PurePosixPath) -> str:
+        tagged = path.with_name(f"{path.stem}_{safe_run_id(run_id)}{path.suffix}")
+        return default_output_path(tagged).as_posix()
+
+    if not is_s3(location):
+        return named(PurePosixPath(Path(location).resolve().as_posix()))
     bucket, key = split_s3(location)
-    return f"s3://{bucket}/{default_output_path(PurePosixPath(key)).as_posix()}"
+    return f"s3://{bucket}/{named(PurePosixPath(key))}"
 
 
-def write_output(settings: Settings, output: str | None) -> dict[str, Any]:
+def check_writable(output: str) -> None:
+    """A local output whose folder cannot be made or written fails at once: no retry fixes it."""
+    folder = Path(output).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # the library creates the missing folders below this one
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise AirflowFailException(f"Cannot write the scored CSV to {output}: {folder} is not a "
+                                   f"writable folder; check the trigger form's {OUTPUT_FIELD!r} "
+                                   "field.")
+
+
+def write_output(settings: Settings, output: str) -> dict[str, Any]:
     """Finalize to a local path, or to a temporary file uploaded to an s3:// output."""
     from sim_pipeline.runners import dispatch as stages
 
-    if output is None or not is_s3(output):
+    if not is_s3(output):
+        check_writable(output)
         return stages.finalize(settings, output)
     bucket, key = split_s3(output)
     with tempfile.TemporaryDirectory(prefix="sim-pipeline-output-") as folder:
@@ -166,15 +207,20 @@ def write_output(settings: Settings, output: str | None) -> dict[str, Any]:
     return {**result, "output": output, "report": f"s3://{bucket}/{report_key}"}
 
 
-def finalize_run(scored: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def finalize_run(scored: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict[str, Any]:
     """Write the scored CSV and close the run; the chunks' counts are summed for the log."""
     context = get_current_context()
     params = context["params"]
     settings = task_settings(params, run_id=context["run_id"])
-    output = params.get("output_path") or default_output(input_location(context, settings))
-    result = write_output(settings, output)
-    counts = scored[:]  # one request for every chunk's counts, not one per chunk
+    output = (params.get("output_path") or "").strip() or default_output(
+        input_location(context, settings), context["run_id"])
+    started = time.monotonic()
+    with fail_at_once_when_hopeless(OUTPUT_FIELD):
+        result = write_output(settings, output)
+    # Every chunk's counts in one request; a run of one chunk gets that chunk's dict alone.
+    counts = [scored] if isinstance(scored, Mapping) else scored[:]
     ok = sum(c["ok"] for c in counts)
-    log.info("Run %s finished: %d rows, %d scored, %d with an error code; scored CSV at %s.",
-             result["run_id"], result["rows"], ok, result["rows"] - ok, result["output"])
+    log.info("Run %s finished in %.1f s: %d rows, %d scored, %d with an error code; scored CSV "
+             "at %s, report at %s.", result["run_id"], time.monotonic() - started,
+             result["rows"], ok, result["rows"] - ok, result["output"], result["report"])
     return {**result, "ok": ok}

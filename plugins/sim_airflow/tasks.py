@@ -4,22 +4,41 @@
 and torch, load only when it runs). ``inference_task(stage)`` is where ``SIM_PIPELINE_EXECUTION``
 decides how a GPU stage runs: in-process like the others, in the ``gpu`` pool, or with
 ``kubernetes`` as one pod per chunk (``sim_airflow.pods``, imported only then). Either way the
-result answers ``.expand(chunk=...)`` under the same task id, so the DAG body does not change.
+result is called with the chunk inside the DAG's mapped task group, under the same task id, so the
+DAG body does not change. Each mapped instance is labelled by ``chunk_label`` ("chunk 3: rows
+3000-3999") instead of a bare map index; the label renders from the task's own arguments before
+it runs, so a running or failed task shows it too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from airflow.sdk import task
 
 from sim_airflow.options import INFERENCE, execution
 
+# Rendered with the DAG's user_defined_macros (``LABEL_MACROS``); TaskFlow tasks keep their
+# keyword arguments in ``op_kwargs`` (so the DAG passes ``chunk=``), pod operators in ``chunk``.
+TASKFLOW_LABEL = "{{ chunk_label(task.op_kwargs['chunk']) }}"
+POD_LABEL = "{{ chunk_label(task.chunk) }}"
+
+
+def chunk_label(chunk: Mapping[str, Any]) -> str:
+    """``chunk 3: rows 3000-3999``: which rows of the input a mapped task works on (0-based, as
+    the results table's ``row_number``)."""
+    first = int(chunk["first_row"])
+    return f"chunk {chunk['index']}: rows {first}-{first + int(chunk['rows']) - 1}"
+
+
+LABEL_MACROS = {"chunk_label": chunk_label}
+
 
 class ChunkTask(Protocol):
-    """What the DAG body needs of a per-chunk task: one mapped task instance per chunk."""
+    """What the DAG body needs of a per-chunk task: called with the mapped group's chunk."""
 
-    def expand(self, *, chunk: Any) -> Any: ...
+    def __call__(self, *, chunk: Any) -> Any: ...
 
 
 def task_id(stage: str) -> str:
@@ -37,7 +56,7 @@ def chunk_task(stage: str, **task_kwargs: Any) -> ChunkTask:
 
     run.__name__ = run.__qualname__ = task_id(stage)
     run.__doc__ = f"The ``{stage}`` stage on one chunk."
-    return task(task_id=task_id(stage), **task_kwargs)(run)
+    return task(task_id=task_id(stage), map_index_template=TASKFLOW_LABEL, **task_kwargs)(run)
 
 
 def inference_task(stage: str) -> ChunkTask:

@@ -49,6 +49,9 @@ class Settings:
     allow_hosts: str = ""
     refetch_errors: bool = False
     fetch_processes: int = 0  # 0: one per CPU core, used when a chunk has enough URLs
+    db_retry_seconds: float = 60.0  # how long writes retry a results database that went away
+    inference_url: str = ""  # an inference service (`sim-pipeline serve`) to embed with
+    inference_api_key: str = field(default="", repr=False)
     # Given by code (an Airflow connection), never by a flag or env var: boto3 reads its own.
     s3: S3Options | None = field(default=None, repr=False, metadata={"internal": True})
 
@@ -62,6 +65,8 @@ class Settings:
                 raise UserError(f"{ENV_PREFIX}{name.upper()} must be a positive integer.")
         if self.fetch_timeout <= 0:
             raise UserError(f"{ENV_PREFIX}FETCH_TIMEOUT must be a positive number of seconds.")
+        if self.db_retry_seconds < 0:
+            raise UserError(f"{ENV_PREFIX}DB_RETRY_SECONDS must be zero or a number of seconds.")
         for name in ("fetch_retries", "fetch_processes"):
             if getattr(self, name) < 0:
                 raise UserError(f"{ENV_PREFIX}{name.upper()} must be zero or a positive integer.")

@@ -34,6 +34,9 @@ INVALID_URL = "invalid_url"
 UNSUPPORTED_SCHEME = "unsupported_scheme"
 MISSING_CAPTION = "missing_caption"
 MALFORMED_ROW = "malformed_row"
+INVALID_ENCODING = "invalid_encoding"
+FIELD_TOO_LONG = "field_too_long"
+MAX_ROW_CHARS = 1 << 24  # a longer input row is FIELD_TOO_LONG
 # Fetching
 TIMEOUT = "timeout"
 CONNECTION_ERROR = "connection_error"
@@ -48,6 +51,7 @@ TLS_ERROR = "tls_error"
 # Decoding
 DECODE_ERROR = "decode_error"
 TOO_MANY_PIXELS = "too_many_pixels"
+IMAGE_LOST = "image_lost"
 
 CODES: dict[str, ErrorCode] = {
     INVALID_URL: ErrorCode("plan", "the URL is empty, unparseable or has no host (also when a "
@@ -59,6 +63,11 @@ CODES: dict[str, ErrorCode] = {
     MISSING_CAPTION: ErrorCode("plan", "the caption is empty, whitespace only, or missing"),
     MALFORMED_ROW: ErrorCode("plan", "the row has more fields than the header (the extra "
                              "fields are dropped)"),
+    INVALID_ENCODING: ErrorCode("plan", "the URL or the caption holds bytes that are not UTF-8 "
+                                "(in the scored CSV each such byte is U+FFFD, in any column)"),
+    FIELD_TOO_LONG: ErrorCode("plan", f"the row is longer than {MAX_ROW_CHARS:,} characters "
+                              "(its fields together; often a quote never closed); its values are "
+                              "empty in the scored CSV"),
     BLOCKED_ADDRESS: ErrorCode("fetch", "the host is, or resolves to, a private, loopback, "
                                "link-local, multicast, reserved or unspecified address (on any "
                                "redirect hop) and is not in the allowlist"),
@@ -79,6 +88,8 @@ CODES: dict[str, ErrorCode] = {
     TOO_MANY_PIXELS: ErrorCode("decode", "width x height above `--max-pixels`, read from the "
                                "header (decompression bombs)"),
     DECODE_ERROR: ErrorCode("decode", "the image is truncated or corrupt"),
+    IMAGE_LOST: ErrorCode("decode", "the image's cached bytes were missing or damaged and "
+                          "fetching it again did not restore them", retry_next_run=True),
 }
 HTTP_MEANING = "the server answered with that status instead of 200, e.g. `http_404`"
 HTTP_RETRIED = (408, 429)  # and every 5xx

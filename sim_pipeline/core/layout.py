@@ -50,6 +50,10 @@ def model_check_key(run_id: str, model: str, backend: str) -> str:
     return f"runs/{run_id}/model-checks/{sha256_hex(f'{model}|{backend}')[:16]}.json"
 
 
+# Runs that failed while the results database was away, marked failed once it answers again.
+PENDING_FAILURES_KEY = "state/pending-failures.json"
+
+
 def current_plan_key(run_id: str) -> str:
     """Points at the run's newest plan, for runners that know only the run id."""
     return f"runs/{run_id}/current.json"
@@ -70,6 +74,7 @@ class ChunkRef:
     index: int
     first_row: int
     rows: int
+    sha256: str | None = None  # of the chunk's rows.jsonl: verified whenever it is read
 
     @property
     def prefix(self) -> str:
@@ -92,9 +97,14 @@ class ChunkRef:
     def results_key(self, tag: str) -> str:
         return f"{self.prefix}/results.{tag}.jsonl"
 
+    def results_meta_key(self, tag: str) -> str:
+        """Written after the results: their digest and row count; its presence means done."""
+        return f"{self.prefix}/results.{tag}.json"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChunkRef:
-        return cls(**{k: data[k] for k in ("run_id", "input_digest", "index", "first_row", "rows")})
+        fields = ("run_id", "input_digest", "index", "first_row", "rows")
+        return cls(**{k: data[k] for k in fields}, sha256=data.get("sha256"))

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,10 @@ class IntegrityError(UserError):
     """An object whose bytes do not match the digest recorded when it was written."""
 
 
+class MissingObject(KeyError):
+    """A key the store does not hold (never written, or removed)."""
+
+
 class ObjectStore(Protocol):
     parallel_writes: int  # writer threads that help, not hinder (disk: few; S3: many)
 
@@ -38,17 +43,45 @@ class ObjectStore(Protocol):
     def read_bytes(self, key: str) -> bytes: ...
     def write_bytes(self, key: str, data: bytes, sha256: str | None = None) -> None: ...
     def create_bytes(self, key: str, data: bytes, sha256: str | None = None) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def list_keys(self, prefix: str = "") -> Iterator[str]: ...
     def uri(self, key: str) -> str: ...
 
 
-def read_json(store: ObjectStore, key: str) -> Any:
-    return json.loads(store.read_bytes(key))
+DIGEST_FIELD = "_sha256"
+REPAIR_ADVICE = ("`sim-pipeline store verify --repair` removes damaged objects, and a rerun "
+                 "recomputes them")
+
+
+def _canonical(value: Any) -> bytes:
+    """Sorted keys and fixed separators: the same value always gives the same bytes."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8")
 
 
 def write_json(store: ObjectStore, key: str, value: Any) -> None:
-    """Sorted keys and fixed separators: the same value always gives the same bytes."""
-    data = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    store.write_bytes(key, data.encode("utf-8"))
+    """A dict carries the sha256 of its own canonical form (``_sha256``), so a damaged or edited
+    record is caught when read, on any file system or object store, with or without xattrs."""
+    if isinstance(value, dict):
+        value = {**value, DIGEST_FIELD: sha256_bytes(_canonical(value))}
+    store.write_bytes(key, _canonical(value))
+
+
+def read_json(store: ObjectStore, key: str) -> Any:
+    """The value ``write_json`` stored, verified; ``IntegrityError`` when it is damaged,
+    ``KeyError`` when it is missing."""
+    data = store.read_bytes(key)
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise IntegrityError(f"{store.uri(key)} is damaged (not JSON): {REPAIR_ADVICE}.") \
+            from None
+    if isinstance(value, dict) and DIGEST_FIELD in value:
+        recorded = value.pop(DIGEST_FIELD)
+        if recorded != sha256_bytes(_canonical(value)):
+            raise IntegrityError(f"{store.uri(key)} is damaged (its content differs from the "
+                                 f"digest it was written with): {REPAIR_ADVICE}.")
+    return value
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -58,7 +91,7 @@ def sha256_bytes(data: bytes) -> str:
 def _check_digest(uri: str, data: bytes, recorded: str | None) -> bytes:
     if recorded is not None and recorded != sha256_bytes(data):
         raise IntegrityError(f"{uri} is damaged (its sha256 differs from the one recorded when it "
-                             "was written): delete it and rerun.")
+                             f"was written): {REPAIR_ADVICE}.")
     return data
 
 
@@ -98,7 +131,7 @@ class LocalStore:
                 data = handle.read()
                 recorded = _get_digest(handle.fileno())
         except FileNotFoundError:
-            raise KeyError(key) from None
+            raise MissingObject(key) from None
         return _check_digest(path, data, recorded)
 
     def write_bytes(self, key: str, data: bytes, sha256: str | None = None) -> None:
@@ -119,6 +152,20 @@ class LocalStore:
         finally:
             os.unlink(tmp)
         return True
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key))
+
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        """Every key under ``prefix`` (a folder, or ""), in sorted order; temp files skipped."""
+        top = os.path.join(self._root, *prefix.strip("/").split("/")) if prefix else self._root
+        for folder, subfolders, files in os.walk(top):
+            subfolders.sort()
+            relative = os.path.relpath(folder, self._root).replace(os.sep, "/")
+            for name in sorted(files):
+                if not name.startswith("."):
+                    yield name if relative == "." else f"{relative}/{name}"
 
     def _write_temp(self, key: str, data: bytes, sha256: str | None) -> tuple[str, str]:
         path = self._path(key)
@@ -253,7 +300,7 @@ class S3Store:
             response = self._call("get_object", Bucket=self.bucket, Key=self._key(key))
         except ClientError as error:
             if _error_code(error) in _NOT_FOUND:
-                raise KeyError(key) from None
+                raise MissingObject(key) from None
             raise
         data = response["Body"].read()
         if len(data) != response["ContentLength"]:
@@ -277,6 +324,18 @@ class S3Store:
                 return False
             raise
         return True
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", Bucket=self.bucket, Key=self._key(key))
+
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        """Every key under ``prefix``, in S3's (sorted) order."""
+        start = len(self._key(""))
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._key(prefix.strip("/")))
+        for page in pages:
+            for item in page.get("Contents", []):
+                yield item["Key"][start:]
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

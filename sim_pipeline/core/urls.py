@@ -19,6 +19,7 @@ from sim_pipeline.core import errors
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]*|[0-9]+)$")
+MAX_HOST_CHARS = 253  # the longest name DNS can carry (RFC 1035), trailing dot not counted
 
 
 class UnknownHost(Exception):
@@ -99,7 +100,8 @@ def url_problem(url: str | httpx.URL) -> str | None:
     """The code for a URL we refuse before any network use, or None when it may be fetched.
 
     Any exception while reading the URL (an IDNA label over 63 characters, a bad port, a bracket
-    left open) makes it ``invalid_url``: no URL can crash a run.
+    left open) makes it ``invalid_url``, as does a host name no resolver accepts (a label over 63
+    characters, an empty label, more than 253 characters): no URL can crash a run.
     """
     if isinstance(url, str) and (not url or any(c.isspace() or ord(c) < 32 for c in url)):
         return errors.INVALID_URL
@@ -117,7 +119,9 @@ def url_problem(url: str | httpx.URL) -> str | None:
     if has_credentials:
         return errors.CREDENTIALS_IN_URL
     try:
-        parse_ip_literal(host)
-    except UnknownHost:
+        if parse_ip_literal(host) is None:
+            host.encode("idna")  # labels of 1-63 characters, as the resolver will require
+    except (UnknownHost, UnicodeError):
         return errors.INVALID_URL
-    return None if host else errors.INVALID_URL
+    fits = 0 < len(host.removesuffix(".")) <= MAX_HOST_CHARS
+    return None if fits else errors.INVALID_URL

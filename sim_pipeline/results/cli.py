@@ -6,6 +6,7 @@
     results query --url URL | --caption T the newest score of an image or a caption, per model
     results prune --older-than 90d        delete old runs (a dry run unless --yes)
     results report RUN_ID -o FILE.html    a one-page HTML report
+    results compare RUN_A RUN_B           how far two runs agree: correlations, shared rows
 
 Exit status: 0 done, 1 a query that found nothing, 2 a problem the user can fix (unknown run,
 unreachable database; one sentence on stderr). The database URL is shown without its password.
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 from sim_pipeline.core.config import load_settings
 
 if TYPE_CHECKING:
+    from sim_pipeline.results.compare import Comparison, Disagreement
     from sim_pipeline.results.db import ResultsDB
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
@@ -43,6 +45,29 @@ def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def thresholds(text: str) -> tuple[float, float]:
+    """``0.6`` (both runs) or ``0.6,0.55`` (run A, run B)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a threshold; write e.g. 0.6 (both runs) or 0.6,0.55 (A,B)")
+    return (values[0], values[-1])
+
+
+def percent(text: str) -> float:
+    """``10`` or ``10%``: a share of rows, above 0 and at most 100."""
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage; write e.g. 10%")
     return value
 
 
@@ -102,6 +127,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--store", help="object store with the image records (fetch times); "
                         "default: SIM_PIPELINE_STORE")
     report.set_defaults(handler=cmd_report)
+
+    compare = sub.add_parser("compare", parents=[common],
+                             help="how far two runs agree: correlations, rows both keep, "
+                                  "rows that disagree most")
+    compare.add_argument("run_a", metavar="RUN_A")
+    compare.add_argument("run_b", metavar="RUN_B")
+    compare.add_argument("--threshold", type=thresholds, metavar="T[,T_B]",
+                         help="rows kept at similarity >= T: one threshold for both runs, or "
+                              "one per run (A,B), since models score on different scales")
+    compare.add_argument("--top", type=percent, default=10.0, metavar="K%",
+                         help="compare each run's top K%% of the matched rows (default 10%%)")
+    compare.set_defaults(handler=cmd_compare)
 
 
 def _db(args: argparse.Namespace) -> ResultsDB:
@@ -279,4 +316,55 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = write_report(args.run, settings, args.output or f"{args.run}_report.html",
                         stale_after=_stale_after(args))
     print(f"wrote the report of run {args.run} to {path}")
+    return 0
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part:,} ({part / whole:.1%})"
+
+
+def _coefficient(value: float | None) -> str:
+    return "undefined (one run gives every matched row the same score)" if value is None \
+        else f"{value:.4f}"
+
+
+def _comparison_lines(found: Comparison, run_a: str, run_b: str) -> list[str]:
+    """The summary above the table: one labelled line per figure."""
+    n = found.common
+    lines = [
+        ("run A", f"{run_a}: {found.scored_a:,} scored rows"),
+        ("run B", f"{run_b}: {found.scored_b:,} scored rows"),
+        ("matched", f"{n:,} rows scored in both (same image URL and caption)"),
+        ("pearson", _coefficient(found.pearson)),
+        ("spearman", _coefficient(found.spearman)),
+        (f"top {found.top_percent:g}%", f"{found.top_rows:,} rows each, "
+                                        f"{_share(found.top_both, found.top_rows)} in both"),
+    ]
+    if found.kept is not None:
+        kept = found.kept
+        same = "" if kept.threshold_a == kept.threshold_b else f" / {kept.threshold_b:g}"
+        lines.append(("kept", f"at >= {kept.threshold_a:g}{same}: A {_share(kept.by_a, n)}, "
+                              f"B {_share(kept.by_b, n)}, both {_share(kept.by_both, n)}; "
+                              f"A and B agree on {_share(kept.by_both + kept.by_neither, n)}"))
+    return [f"{label:<9} {text}" for label, text in lines]
+
+
+def _disagreement_table(rows: list[Disagreement]) -> str:
+    many = len(rows) > 1
+    title = (f"the {_plural(len(rows), 'row')} that disagree{'' if many else 's'} most "
+             "(rank percentile: 0 lowest, 100 highest score of the matched rows)")
+    return title + "\n" + table(
+        ["ROW A", "ROW B", "SIM A", "PCT A", "SIM B", "PCT B", "IMAGE URL", "CAPTION"],
+        [[d.row_a, d.row_b, _similarity(d.similarity_a), f"{100 * d.percentile_a:.1f}",
+          _similarity(d.similarity_b), f"{100 * d.percentile_b:.1f}", d.image_url, d.caption]
+         for d in rows], numeric=(0, 1, 2, 3, 4, 5), widest=40)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sim_pipeline.results.compare import compare_runs
+
+    found = compare_runs(_db(args), args.run_a, args.run_b, args.top, args.threshold)
+    print("\n".join(_comparison_lines(found, args.run_a, args.run_b)))
+    print("\n" + (_disagreement_table(found.disagreements) if found.disagreements
+                  else "every matched row has the same rank in both runs"))
     return 0

@@ -11,15 +11,17 @@ reports) is in ``results_query``.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -32,7 +34,10 @@ MIGRATIONS = resources.files("sim_pipeline.results") / "migrations"
 MIGRATION_NAME = re.compile(r"^[0-9]{3}_[A-Za-z0-9_]+(\.[a-z]+)?\.sql$")
 RUN_LEVEL = -1  # stage_timings.chunk of the stages that run once per run (plan, finalize)
 SQLITE_BUSY_TIMEOUT_S = 60  # how long a SQLite writer waits for another one to commit
+DEFAULT_RETRY_SECONDS = 60.0  # how long writes retry a database that stopped answering
+RETRY_BACKOFF_MAX = 8.0
 log = logging.getLogger(__name__)
+W = TypeVar("W", bound=Callable[..., Any])
 
 metadata = sa.MetaData()
 scoring_runs = sa.Table(
@@ -140,8 +145,14 @@ def _now() -> datetime:
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+def storable(text: str | None) -> str | None:
+    """``text`` with each NUL as U+FFFD: PostgreSQL text cannot hold NUL (nor can jsonb's
+    ``\\u0000``), and SQLite's text functions stop at it; both databases store the same."""
+    return text.replace("\0", "\ufffd") if text and "\0" in text else text
+
+
 def _json(values: Sequence[str] | None) -> str | None:
-    return None if values is None else _JSON(list(values))
+    return None if values is None else _JSON([storable(v) for v in values])
 
 
 def _upsert(conn: Connection, table: sa.Table, rows: list[Mapping[str, Any]]) -> None:
@@ -174,11 +185,9 @@ def _in_key_order(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 def _score_values(row: Mapping[str, Any], scored_at: datetime) -> tuple[Any, ...]:
     """A row as a tuple in ``SCORE_COLUMNS`` order."""
-    fields = row.get("input_fields")
-    return (row["run_id"], row["row_number"], row["image_url"], row.get("url_hash"),
-            row["caption"], row["caption_hash"], row["model"], row.get("similarity"),
-            row.get("cosine"), row.get("error"), scored_at,
-            None if fields is None else _JSON(list(fields)))
+    return (row["run_id"], row["row_number"], storable(row["image_url"]), row.get("url_hash"),
+            storable(row["caption"]), row["caption_hash"], row["model"], row.get("similarity"),
+            row.get("cosine"), row.get("error"), scored_at, _json(row.get("input_fields")))
 
 
 def _copy_replace(conn: Connection, rows: list[Mapping[str, Any]], scored_at: datetime) -> None:
@@ -206,18 +215,80 @@ def _copy_replace(conn: Connection, rows: list[Mapping[str, Any]], scored_at: da
                 copy.write_row(_score_values(row, scored_at))
 
 
-class ResultsDB:
-    """The results database behind ``SIM_PIPELINE_DATABASE_URL``; schema applied on first use."""
+class DatabaseUnavailable(UserError):
+    """The results database stopped answering (or cannot be written) and retrying did not help."""
 
-    def __init__(self, url: str) -> None:
+
+_NOT_TRANSIENT = ("disk is full", "no space left", "password authentication failed",
+                  "does not exist", "permission denied", "read-only")
+
+
+def _reason(error: sa.exc.DBAPIError) -> str:
+    text = str(error.orig if error.orig is not None else error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_transient(error: sa.exc.DBAPIError) -> bool:
+    """A lost or refused connection, a busy SQLite file: worth another try; a full disk, bad
+    credentials or a missing database are not."""
+    reason = _reason(error).lower()
+    return not any(words in reason for words in _NOT_TRANSIENT)
+
+
+def _retried(method: W) -> W:
+    """Retry a write on transient database errors with exponential backoff, for at most
+    ``retry_seconds``; then one sentence (``DatabaseUnavailable``). Every write method is
+    idempotent (keyed upserts), so repeating one is safe."""
+
+    @functools.wraps(method)
+    def call(self: ResultsDB, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self.retry_seconds
+        for attempt in itertools.count():
+            try:
+                return method(self, *args, **kwargs)
+            except (sa.exc.OperationalError, sa.exc.InterfaceError) as error:
+                left = deadline - time.monotonic()
+                if not _is_transient(error) or left <= 0:
+                    raise self.unavailable(error) from None
+                wait = min(RETRY_BACKOFF_MAX, 0.25 * 2**attempt, left)
+                log.warning("The results database failed (%s); retrying in %.1f s.",
+                            _reason(error), wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    return call  # type: ignore[return-value]
+
+
+class ResultsDB:
+    """The results database behind ``SIM_PIPELINE_DATABASE_URL``; schema applied on first use.
+
+    Writes retry transient failures (a restarting server, a dropped connection) for up to
+    ``retry_seconds`` before giving up with one sentence.
+    """
+
+    def __init__(self, url: str, retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
         self.url = normalise_url(url)
         self.engine = _engine(self.url)
+        self.retry_seconds = retry_seconds
         self.bulk_copy = True  # PostgreSQL with psycopg: COPY; False: executemany (benchmarks)
+
+    def unavailable(self, error: sa.exc.DBAPIError) -> DatabaseUnavailable:
+        reason = _reason(error)
+        if not _is_transient(error):
+            return DatabaseUnavailable(
+                f"The results database {self.shown_url} cannot be written ({reason}); fix "
+                "that (free disk space, say) and rerun the same command: it resumes where it "
+                "stopped.")
+        return DatabaseUnavailable(
+            f"The results database {self.shown_url} stopped answering ({reason}) and did not "
+            f"come back within {self.retry_seconds:g} s; rerun the same command once it is up: "
+            "it resumes where it stopped.")
 
     @property
     def shown_url(self) -> str:
         return masked(self.url)
 
+    @_retried
     def start_run(self, run_id: str, source: str, model: str, rows_total: int,
                   columns: Sequence[str] | None = None, delimiter: str | None = None) -> None:
         """Open (or reopen) a run; rows past the end of a re-planned, shorter input go away.
@@ -233,21 +304,32 @@ class ResultsDB:
                 similarity_scores.c.row_number >= rows_total))
             conn.execute(stage_timings.delete().where(stage_timings.c.run_id == run_id))
             _upsert(conn, scoring_runs, [{
-                "run_id": run_id, "source": source, "model": model, "started_at": now,
+                "run_id": run_id, "source": storable(source), "model": model, "started_at": now,
                 "finished_at": None, "status": "running", "rows_total": rows_total,
                 "rows_ok": None, "rows_error": None, "input_columns": _json(columns),
                 "input_delimiter": delimiter, "updated_at": now}])
 
-    def finish_run(self, run_id: str, status: str) -> None:
-        """Close the run, counting its rows from the table itself (the source of truth)."""
+    @_retried
+    def finish_run(self, run_id: str, status: str, unless_active_since: datetime | None = None
+                   ) -> None:
+        """Close the run, counting its rows from the table itself (the source of truth).
+
+        ``unless_active_since``: close it only if it is still running and has shown no sign of
+        life since then (a failure recorded while the database was away must not close a rerun
+        that has started meanwhile).
+        """
         counts = sa.select(
             sa.func.count().filter(similarity_scores.c.error.is_(None)),
             sa.func.count().filter(similarity_scores.c.error.is_not(None)),
         ).where(similarity_scores.c.run_id == run_id)
         now = _now()
+        which = scoring_runs.c.run_id == run_id
+        if unless_active_since is not None:
+            which = sa.and_(which, scoring_runs.c.status == "running",
+                            scoring_runs.c.updated_at <= unless_active_since)
         with self.engine.begin() as conn:
             ok, failed = conn.execute(counts).one()
-            conn.execute(scoring_runs.update().where(scoring_runs.c.run_id == run_id).values(
+            conn.execute(scoring_runs.update().where(which).values(
                 status=status, finished_at=now, updated_at=now, rows_ok=ok, rows_error=failed))
 
     def upsert_scores(self, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -258,10 +340,14 @@ class ResultsDB:
         there already replaces it. The runs the rows belong to get their heartbeat bumped in the
         same transaction.
         """
-        scored_at = _now()
-        ordered = _in_key_order(rows)
+        return self._write_scores(_in_key_order(rows))
+
+    @_retried
+    def _write_scores(self, ordered: list[Mapping[str, Any]]) -> int:
+        """``upsert_scores`` on rows already listed (a retry must see them all again)."""
         if not ordered:
             return 0
+        scored_at = _now()
         run_ids = sorted({row["run_id"] for row in ordered})
         with self.engine.begin() as conn:
             _lock_runs(conn, run_ids)
@@ -275,6 +361,7 @@ class ResultsDB:
                          .values(updated_at=scored_at))
         return len(ordered)
 
+    @_retried
     def record_stage(self, run_id: str, stage: str, chunk: int, seconds: float) -> None:
         """Keep how long one stage took on one chunk (``RUN_LEVEL``: the whole run); heartbeat."""
         now = _now()

@@ -11,7 +11,7 @@ import csv
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TextIO
 
 from sim_pipeline.core.files import atomic_text
 
@@ -29,8 +29,26 @@ def scored_fields(fields: Sequence[str], similarity: float | None,
     return [*fields, "" if similarity is None else f"{similarity:.4f}", error or ""]
 
 
+class RowWriter:
+    """``csv.writer`` with LF line ends that also quotes a row holding a carriage return.
+
+    Python's writer quotes only the characters of its line terminator (LF here), so a value with
+    a lone CR would be written bare and read back as a line end, splitting its row in two. Such a
+    row is written with every field quoted instead; all other rows are written as usual.
+    """
+
+    def __init__(self, handle: TextIO, delimiter: str) -> None:
+        self._plain = csv.writer(handle, delimiter=delimiter, lineterminator="\n")
+        self._quoted = csv.writer(handle, delimiter=delimiter, lineterminator="\n",
+                                  quoting=csv.QUOTE_ALL)
+
+    def writerow(self, fields: Sequence[str]) -> None:
+        writer = self._quoted if any("\r" in field for field in fields) else self._plain
+        writer.writerow(fields)
+
+
 @contextmanager
-def scored_csv_writer(output: str | Path, delimiter: str) -> Iterator[Any]:
-    """A ``csv.writer`` whose file appears at ``output`` whole, and only if the block succeeds."""
+def scored_csv_writer(output: str | Path, delimiter: str) -> Iterator[RowWriter]:
+    """A CSV writer whose file appears at ``output`` whole, and only if the block succeeds."""
     with atomic_text(output, newline="") as handle:
-        yield csv.writer(handle, delimiter=delimiter, lineterminator="\n")
+        yield RowWriter(handle, delimiter)

@@ -10,16 +10,19 @@ results table is keyed by (run, row), so any step can be repeated after a crash.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import (
@@ -28,11 +31,19 @@ from sim_pipeline.core.layout import (
     FETCH_IMAGES,
     FINALIZE,
     JOIN_SCORE,
+    PENDING_FAILURES_KEY,
     PLAN,
     ChunkRef,
     model_check_key,
 )
-from sim_pipeline.core.store import ObjectStore, open_store, write_json
+from sim_pipeline.core.store import (
+    IntegrityError,
+    MissingObject,
+    ObjectStore,
+    open_store,
+    read_json,
+    write_json,
+)
 from sim_pipeline.results.db import RUN_LEVEL, ResultsDB
 from sim_pipeline.results.report import report_path, write_report
 from sim_pipeline.stages.embed.images import embed_images_chunk
@@ -60,6 +71,11 @@ CHUNK_STAGES: dict[str, ChunkStage] = {
 }
 
 
+# What to run again when a stage's input is missing or damaged.
+UPSTREAM: dict[str, tuple[str, ...]] = {EMBED_IMAGES: (FETCH_IMAGES,),
+                                        JOIN_SCORE: (EMBED_IMAGES, EMBED_TEXTS)}
+
+
 @dataclass(frozen=True)
 class Finished:
     """What finalize left behind."""
@@ -80,8 +96,10 @@ class Run:
 
     @classmethod
     def open(cls, settings: Settings, record: bool = True) -> Run:
-        results = ResultsDB(settings.database_url) if record else None
-        return cls(settings, open_store(settings.store, settings.s3), results)
+        results = ResultsDB(settings.database_url, settings.db_retry_seconds) if record else None
+        run = cls(settings, open_store(settings.store, settings.s3), results)
+        run.mark_pending_failures()
+        return run
 
     def plan(self, input_path: str | Path, source: str | None = None) -> RunPlan:
         """Split the input into chunks and open the run in the results table.
@@ -105,14 +123,22 @@ class Run:
     def check_model(self, run_id: str) -> None:
         """Resolve the model's config and processor (no weights) before any work, once per run:
         a wrong model or backend stops the run in seconds instead of after the fetch stage."""
-        key = model_check_key(run_id, self.settings.model, self.settings.backend)
+        where = self.settings.inference_url or self.settings.backend
+        key = model_check_key(run_id, self.settings.model, where)
         if self.store.exists(key):
             return
-        from sim_pipeline.stages.embed.families import check_backend
+        if self.settings.inference_url:  # the service holds the model: ask it
+            from sim_pipeline.stages.embed.encoders import remote_encoder
 
-        family = check_backend(self.settings.model, self.settings.backend).family
-        write_json(self.store, key, {"model": self.settings.model, "family": family.name,
-                                     "backend": self.settings.backend})
+            with remote_encoder(self.settings) as client:
+                client.text_vectors(["a model check"])
+            family = "served"
+        else:
+            from sim_pipeline.stages.embed.families import check_backend
+
+            family = check_backend(self.settings.model, self.settings.backend).family.name
+        write_json(self.store, key, {"model": self.settings.model, "family": family,
+                                     "backend": where})
 
     def load_plan(self, run_id: str | None = None) -> RunPlan:
         run_id = run_id or self.settings.run_id
@@ -128,15 +154,32 @@ class Run:
         return chunks[index]
 
     def run_stage(self, stage: str, chunk: ChunkRef) -> Any:
-        """One per-chunk stage on one chunk, timed."""
+        """One per-chunk stage on one chunk, timed. When an input it reads from the store is
+        missing or damaged, the stages that make that input run again (each redoes only what
+        it finds missing or damaged), then the stage once more."""
         with self.timed(chunk.run_id, stage, chunk.index):
+            try:
+                return CHUNK_STAGES[stage](chunk, self.store, self.settings, self.results)
+            except (IntegrityError, MissingObject) as damaged:
+                if stage not in UPSTREAM:
+                    raise
+                repairs.note(f"{stage} input", f"chunk {chunk.index} of {chunk.run_id}",
+                             damaged)
+            for upstream in UPSTREAM[stage]:
+                CHUNK_STAGES[upstream](chunk, self.store, self.settings, self.results)
             return CHUNK_STAGES[stage](chunk, self.store, self.settings, self.results)
 
     def finalize(self, plan: RunPlan, output: str | Path | None = None) -> Finished:
         """Write the scored CSV, close the run as succeeded, and write its report beside the CSV."""
+        output = output or default_output_path(plan.source)
         with self.timed(plan.run_id, FINALIZE):
-            path = write_scored_csv(plan, self.store, self.settings,
-                                    output or default_output_path(plan.source))
+            try:
+                path = write_scored_csv(plan, self.store, self.settings, output)
+            except (IntegrityError, MissingObject) as damaged:  # no partial file was left
+                repairs.note("results", f"of run {plan.run_id}", damaged)
+                for chunk in plan.chunks:  # join-score redoes only what is damaged or missing
+                    self.run_stage(JOIN_SCORE, chunk)
+                path = write_scored_csv(plan, self.store, self.settings, output)
         report = report_path(path)
         if self.results is not None:
             self.results.finish_run(plan.run_id, "succeeded")
@@ -144,14 +187,31 @@ class Run:
         return Finished(plan.run_id, path, report, plan.rows)
 
     def fail(self, run_id: str) -> None:
-        """Mark the run failed; best effort, since the failure may be the database's own."""
+        """Mark the run failed. When the failure is the database's own, remember it in the store
+        instead: the next run that reaches the database marks it (``mark_pending_failures``)."""
         if self.results is None:
             return
         try:
             self.results.finish_run(run_id, "failed")
-        except (UserError, sa.exc.SQLAlchemyError) as error:
-            log.warning("Could not mark run %s as failed: %s", run_id,
-                        str(error).splitlines()[0])
+        except (UserError, sa.exc.SQLAlchemyError):
+            with contextlib.suppress(UserError, OSError):
+                pending = self._pending_failures()
+                pending[run_id] = datetime.now(UTC).isoformat()
+                write_json(self.store, PENDING_FAILURES_KEY, pending)
+
+    def mark_pending_failures(self) -> None:
+        """Mark failed the runs that failed while the database was away (unless rerun since)."""
+        if self.results is None or not self.store.exists(PENDING_FAILURES_KEY):
+            return
+        pending = self._pending_failures()
+        for run_id, failed_at in pending.items():
+            self.results.finish_run(run_id, "failed", datetime.fromisoformat(failed_at))
+        write_json(self.store, PENDING_FAILURES_KEY, {})
+
+    def _pending_failures(self) -> dict[str, str]:
+        if not self.store.exists(PENDING_FAILURES_KEY):
+            return {}
+        return dict(read_json(self.store, PENDING_FAILURES_KEY))
 
     @contextmanager
     def timed(self, run_id: str, stage: str, chunk: int = RUN_LEVEL) -> Iterator[None]:

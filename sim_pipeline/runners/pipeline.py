@@ -14,6 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES, JOIN_SCORE
 from sim_pipeline.results.db import masked
@@ -36,6 +37,7 @@ class RunSummary:
     errors: Counter[str] = field(default_factory=Counter)
     fetch: FetchStats = field(default_factory=FetchStats)
     seconds: float = 0.0
+    repaired: Counter[str] = field(default_factory=Counter)  # damaged objects recomputed
 
     def add(self, scored: list[ScoredRow]) -> None:
         self.rows += len(scored)
@@ -50,11 +52,19 @@ class RunSummary:
             f"rows      {self.rows}: {self.ok} scored, {self.rows - self.ok} errors",
             f"errors    {errors}",
             self.images_line(),
+            *self.repairs_line(),
             f"time      {self.seconds:.1f} s ({rate:.1f} rows/s)",
             f"output    {self.output}",
             f"report    {report_path(self.output)}",
             f"results   {self.database} (similarity_scores, run_id={self.run_id})",
         ])
+
+    def repairs_line(self) -> list[str]:
+        if not self.repaired:
+            return []
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.repaired.items()))
+        return [f"repaired  {sum(self.repaired.values())} damaged or missing objects "
+                f"recomputed ({kinds})"]
 
     def images_line(self) -> str:
         fetch = self.fetch
@@ -95,6 +105,7 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
     started = time.monotonic()
     source = Path(source)
     check_input_file(source)
+    repairs.taken()  # this run's repairs only
     run = Run.open(settings)
     plan = run.plan(source)
     summary = RunSummary(plan.run_id, Path(output or default_output_path(source)),
@@ -112,6 +123,7 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
     except BaseException:
         run.fail(plan.run_id)
         raise
+    summary.repaired = repairs.taken()
     summary.seconds = time.monotonic() - started
     return summary
 

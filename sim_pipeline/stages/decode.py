@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from sim_pipeline.core import errors
 from sim_pipeline.core.config import DEFAULT_MAX_PIXELS
@@ -84,11 +84,18 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInf
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Bytes -> an upright 8-bit RGB image (first frame), or ``DecodeFailed``."""
+    """Bytes -> an upright 8-bit RGB image (first frame), or ``DecodeFailed``.
+
+    An image that is already upright RGB is returned as decoded, not copied: a photo near the
+    pixel cap is 150 MB, and each needless copy would add that to the stage's peak memory.
+    """
     try:
         with _open(data, max_pixels) as image:
             image.seek(0)
-            return to_rgb(ImageOps.exif_transpose(image))
+            image.load()
+            if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
     except Image.DecompressionBombError:
         raise DecodeFailed(errors.TOO_MANY_PIXELS) from None
     except (OSError, SyntaxError, ValueError, EOFError):
@@ -103,7 +110,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _to_8bit_gray(image: Image.Image) -> Image.Image:

@@ -3,10 +3,17 @@
 Each chunk holds its rows verbatim (so finalize can reproduce every input column) plus the fields
 the later stages need: the row number, the URL and its hash, the caption, and any input error.
 Only one chunk is ever held in memory.
+
+One bad row costs one row: a file is refused as a whole only when it is no CSV text at all
+(``check_input_file``). Inside the file, bytes that are not UTF-8 become U+FFFD (the row gets
+``invalid_encoding`` when its URL or caption held them), a row longer than ``MAX_ROW_CHARS``
+gets ``field_too_long``, and control characters in a caption are replaced by spaces before it is
+scored. Chunks are ASCII JSON lines, so no value (a line separator, NUL) can change their framing.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -14,18 +21,35 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TextIO
 
-from sim_pipeline.core import errors
+from sim_pipeline.core import errors, repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import ChunkRef, current_plan_key, manifest_key, sha256_hex
-from sim_pipeline.core.store import ObjectStore, read_json, write_json
+from sim_pipeline.core.store import (
+    IntegrityError,
+    MissingObject,
+    ObjectStore,
+    read_json,
+    sha256_bytes,
+    write_json,
+)
 from sim_pipeline.core.urls import url_problem
 
 URL_COLUMNS = ("url", "image_url", "image", "img_url", "link")
 CAPTION_COLUMNS = ("caption", "text", "caption_text", "title")
-csv.field_size_limit(16 * 1024 * 1024)
+MAX_ROW_CHARS = errors.MAX_ROW_CHARS  # a longer row (its fields, line breaks included) costs it
+HEAD_BYTES = 65536  # what check_input_file reads to tell a CSV from something else
+MAX_BINARY_SHARE = 0.3  # of the head after the header line: NUL or undecodable bytes
+_PIECE = 1 << 20  # characters read at a time: a huge line is never in memory whole
+# The csv module's own cap only stops crafted rows whose shape (see _skeleton) stays huge.
+csv.field_size_limit(4 * MAX_ROW_CHARS)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes, as surrogateescape reads them
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc but tab, LF, CR
+_QUOTES = re.compile('""+')
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
 @dataclass(frozen=True)
@@ -40,7 +64,8 @@ class InputRow:
     fields: list[str]
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, ensure_ascii=False, separators=(",", ":"))
+        """ASCII only: no value can put a line break (U+2028, U+0085, ...) into a chunk line."""
+        return json.dumps(self.__dict__, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, line: str) -> InputRow:
@@ -71,10 +96,36 @@ class RunPlan:
         return cls(**{**data, "chunks": [ChunkRef.from_dict(c) for c in data["chunks"]]})
 
 
+def repaired(text: str) -> tuple[str, bool]:
+    """``text`` with each undecodable byte (or any lone surrogate) as U+FFFD; and whether any was.
+
+    The file is read with ``surrogateescape``, so a byte that is not UTF-8 arrives as a lone
+    surrogate; no valid text holds one, and no later step (hashing, JSON, SQL) could encode it.
+    """
+    if text.isascii():
+        return text, False
+    fixed, count = _SURROGATE.subn("\ufffd", text)
+    return fixed, count > 0
+
+
+def clean_caption(caption: str) -> str:
+    """The caption the model sees: control characters (NUL, C0 and C1, but tab and line breaks)
+    as spaces, surrounding whitespace stripped. Tokenizers treat such characters differently, and
+    PostgreSQL cannot store NUL, so a caption never carries them past plan."""
+    return _CONTROL.sub(" ", caption).strip()
+
+
 def normalise_row(row: int, url: str, caption: str, fields: list[str]) -> InputRow:
-    url = url.strip()
-    caption = caption.strip()
-    error = url_problem(url) or (None if caption else errors.MISSING_CAPTION)
+    """A row's URL and caption checked and cleaned; its fields kept (undecodable bytes as
+    U+FFFD). Never raises, whatever the values hold."""
+    url, bad_url = repaired(url)
+    caption, bad_caption = repaired(caption)
+    fields = [repaired(field)[0] for field in fields]
+    url, caption = url.strip(), clean_caption(caption)
+    if bad_url or bad_caption:
+        error: str | None = errors.INVALID_ENCODING
+    else:
+        error = url_problem(url) or (None if caption else errors.MISSING_CAPTION)
     url_hash = sha256_hex(url) if url else None
     return InputRow(row, url, url_hash, caption, error, fields)
 
@@ -124,53 +175,150 @@ def default_run_id(path: Path, settings: Settings) -> str:
 
 
 def check_input_file(path: Path) -> None:
+    """Refuse, in one sentence, a file that is no CSV text at all; a bad row is not such a file."""
     if not path.exists():
         raise UserError(f"Input file {path} does not exist.")
     if not path.is_file():
         raise UserError(f"Input {path} is not a file.")
     with path.open("rb") as handle:
-        head = handle.read(65536)
-    if b"\0" in head:
-        raise UserError(f"Input file {path} is not a CSV file (it contains binary data).")
+        head = handle.read(HEAD_BYTES)
+    reason = not_text(head)
+    if reason:
+        raise UserError(f"Input file {path} is not a CSV file: {reason}.")
 
 
-def read_rows(path: Path, settings: Settings) -> tuple[list[str], int, int, Iterator[list[str]]]:
-    """Open the CSV streaming; return its header, URL and caption indexes, and the row iterator."""
+def not_text(head: bytes) -> str | None:
+    """Why the first bytes of a file cannot start a UTF-8 CSV, or None when they can.
+
+    Only the header line must be clean: an image renamed ``.csv`` or UTF-16 text without a BOM
+    fails there (undecodable bytes, NUL). Past it, only a head that is mostly NUL or undecodable
+    bytes is refused; single bad bytes are left to the rows they are in.
+    """
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return f"it is {name} text; save it as UTF-8"
+    first_line = re.split(b"[\r\n]", head, maxsplit=1)[0]
+    whole_line = len(first_line) < len(head)
+    if b"\0" in first_line or _SURROGATE.search(_decode_part(first_line, whole_line)):
+        return "its first line holds binary data or text that is not UTF-8"
+    rest = head[len(first_line):]
+    if len(rest) >= 1024:
+        text = _decode_part(rest)
+        bad = len(_SURROGATE.findall(text)) + text.count("\0")
+        if bad > MAX_BINARY_SHARE * len(rest):
+            return f"more than {MAX_BINARY_SHARE:.0%} of its first 64 KB is binary data"
+    return None
+
+
+def _decode_part(data: bytes, final: bool = False) -> str:
+    """UTF-8 with undecodable bytes as lone surrogates; unless ``final``, a character cut at the
+    end (where the head was cut) is dropped, not counted as undecodable."""
+    return codecs.getincrementaldecoder("utf-8")("surrogateescape").decode(data, final=final)
+
+
+class CsvRow(NamedTuple):
+    """A parsed row; ``too_long``: longer than ``MAX_ROW_CHARS``, its values not kept."""
+
+    fields: list[str]
+    too_long: bool = False
+
+
+class RowLines:
+    """The file's lines for ``csv.reader``, holding at most ``limit`` characters of one row.
+
+    Past the limit, the rest of the row is passed on as its skeleton (``_skeleton``), so the csv
+    parser still ends the row exactly where it ends, and the next row is read whole again. The
+    caller says where a row ends (``next_row``): the reader pulls lines only until a row is done.
+    """
+
+    def __init__(self, handle: TextIO, delimiter: str, limit: int = MAX_ROW_CHARS) -> None:
+        self.handle, self.limit = handle, limit
+        self.ordinary = re.compile(f'[^"{re.escape(delimiter)}\r\n]+')
+        self.row_chars = 0
+        self.too_long = False
+
+    def __iter__(self) -> RowLines:
+        return self
+
+    def __next__(self) -> str:
+        pieces: list[str] = []
+        while piece := self.handle.readline(_PIECE):
+            self.row_chars += len(piece)
+            whole = len(piece) < _PIECE or piece.endswith("\n")
+            if self.row_chars > self.limit:
+                self.too_long = True
+                piece = _skeleton(piece, self.ordinary)
+            pieces.append(piece)
+            if whole:
+                break
+        if not pieces:
+            raise StopIteration
+        return "".join(pieces)
+
+    def next_row(self) -> None:
+        self.row_chars, self.too_long = 0, False
+
+
+def _skeleton(text: str, ordinary: re.Pattern[str]) -> str:
+    """``text`` with each run of ``ordinary`` characters (all but quote, delimiter, CR, LF) cut
+    to one ``x`` and each run of quotes to one or two: the csv parser goes through the same
+    states (field starts and ends, quoting, row end) over it as over ``text``, while the values
+    it collects stay small."""
+    text = ordinary.sub("x", text)
+    return _QUOTES.sub(lambda run: '""' if len(run.group()) % 2 == 0 else '"', text)
+
+
+def read_rows(path: Path, settings: Settings) -> tuple[list[str], int, int, Iterator[CsvRow]]:
+    """Open the CSV streaming; return its header, URL and caption indexes, and the row iterator.
+
+    Bytes that are not UTF-8 are read as lone surrogates (``surrogateescape``) and repaired per
+    row by ``normalise_row``, so they cost only the row they are in.
+    """
     check_input_file(path)
-    handle = path.open(newline="", encoding="utf-8-sig")
-    reader = csv.reader(handle, delimiter=delimiter_for(path))
+    delimiter = delimiter_for(path)
+    handle = path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
+    lines = RowLines(handle, delimiter)
+    reader = csv.reader(lines, delimiter=delimiter)
     try:
-        header = next(reader)
+        header = [repaired(name)[0] for name in next(reader)]
     except StopIteration:
         raise UserError(f"Input file {path} is empty: it needs a header row.") from None
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise UserError(f"Input file {path} is not a readable UTF-8 CSV: {error}.") from None
+    except csv.Error as error:
+        raise UserError(f"Input file {path} is not a readable CSV: {error}.") from None
+    if lines.too_long:
+        raise UserError(f"Input file {path} has a header row longer than {MAX_ROW_CHARS:,} "
+                        "characters; is it a CSV file?")
+    lines.next_row()
     url_index = find_column(header, URL_COLUMNS, settings.url_column, "url")
     caption_index = find_column(header, CAPTION_COLUMNS, settings.caption_column, "caption")
 
-    def rows() -> Iterator[list[str]]:
+    def rows() -> Iterator[CsvRow]:
         with handle:
             try:
-                yield from reader
-            except (UnicodeDecodeError, csv.Error) as error:
-                raise UserError(
-                    f"Input file {path} is not a readable UTF-8 CSV near line "
-                    f"{reader.line_num}: {error}."
-                ) from None
+                for fields in reader:
+                    yield CsvRow(fields, lines.too_long)
+                    lines.next_row()
+            except csv.Error as error:  # only a crafted row (see csv.field_size_limit above)
+                raise UserError(f"Input file {path} cannot be read as CSV near line "
+                                f"{reader.line_num}: {error}.") from None
 
     return header, url_index, caption_index, rows()
 
 
 def normalise_csv_rows(header: list[str], url_index: int, caption_index: int,
-                       rows: Iterable[list[str]]) -> Iterator[InputRow]:
+                       rows: Iterable[CsvRow]) -> Iterator[InputRow]:
+    """One ``InputRow`` per parsed row, numbered from 0; a row's problem becomes its code."""
     width = len(header)
-    for number, fields in enumerate(rows):
+    for number, (fields, too_long) in enumerate(rows):
+        if too_long:
+            yield InputRow(number, "", None, "", errors.FIELD_TOO_LONG, [""] * width)
+            continue
         if len(fields) < width:
             fields = fields + [""] * (width - len(fields))
         row = normalise_row(number, fields[url_index], fields[caption_index], fields)
         if len(fields) > width:
             row = InputRow(row.row, row.url, row.url_hash, row.caption, errors.MALFORMED_ROW,
-                           fields[:width])
+                           row.fields[:width])
         yield row
 
 
@@ -182,8 +330,9 @@ def write_chunks(store: ObjectStore, run_id: str, digest: str, rows: Iterable[In
     first_row = 0
 
     def flush() -> None:
-        ref = ChunkRef(run_id, digest, len(chunks), first_row, len(buffer))
-        store.write_bytes(ref.rows_key, ("\n".join(buffer) + "\n").encode("utf-8"))
+        data = ("\n".join(buffer) + "\n").encode("utf-8")
+        ref = ChunkRef(run_id, digest, len(chunks), first_row, len(buffer), sha256_bytes(data))
+        store.write_bytes(ref.rows_key, data)
         chunks.append(ref)
 
     for row in rows:
@@ -203,7 +352,7 @@ def plan_csv(path: str | Path, store: ObjectStore, settings: Settings, run_id: s
     path = Path(path)
     check_input_file(path)
     digest = input_digest(path, settings)
-    if not store.exists(manifest_key(run_id, digest)):
+    if not _intact_plan(store, run_id, digest):
         header, url_index, caption_index, rows = read_rows(path, settings)
         normalised = normalise_csv_rows(header, url_index, caption_index, rows)
         chunks = write_chunks(store, run_id, digest, normalised, settings.chunk_size)
@@ -213,6 +362,21 @@ def plan_csv(path: str | Path, store: ObjectStore, settings: Settings, run_id: s
         write_json(store, manifest_key(run_id, digest), plan.to_dict())
     write_json(store, current_plan_key(run_id), {"input_digest": digest})
     return load_plan(store, run_id, digest)
+
+
+def _intact_plan(store: ObjectStore, run_id: str, digest: str) -> bool:
+    """Whether the plan written before, and every chunk of it, is there and intact. A damaged
+    or partly missing plan is noted and written again (planning is deterministic, so intact
+    chunks get the same keys and their later stages' outputs stay valid)."""
+    if not store.exists(manifest_key(run_id, digest)):
+        return False
+    try:
+        for chunk in load_plan(store, run_id, digest).chunks:
+            _verified_rows(store, chunk)
+    except (IntegrityError, MissingObject, KeyError, TypeError, ValueError) as damaged:
+        repairs.note("plan", store.uri(manifest_key(run_id, digest)), damaged)
+        return False
+    return True
 
 
 def plan_input(path: str | Path, store: ObjectStore, settings: Settings) -> RunPlan:
@@ -231,6 +395,16 @@ def load_plan(store: ObjectStore, run_id: str, digest: str | None = None) -> Run
     return RunPlan.from_dict(read_json(store, manifest_key(run_id, digest)))
 
 
+def _verified_rows(store: ObjectStore, chunk: ChunkRef) -> bytes:
+    data = store.read_bytes(chunk.rows_key)
+    if chunk.sha256 is not None and sha256_bytes(data) != chunk.sha256:
+        raise IntegrityError(f"{store.uri(chunk.rows_key)} is damaged: rerun the plan "
+                             "(`sim-pipeline score` does) to write it again.")
+    return data
+
+
 def read_chunk_rows(store: ObjectStore, chunk: ChunkRef) -> list[InputRow]:
-    text = store.read_bytes(chunk.rows_key).decode("utf-8")
-    return [InputRow.from_json(line) for line in text.splitlines() if line]
+    """The chunk's rows, verified; split on LF alone (``str.splitlines`` would split on U+2028
+    too)."""
+    text = _verified_rows(store, chunk).decode("utf-8")
+    return [InputRow.from_json(line) for line in text.split("\n") if line]

@@ -12,9 +12,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import ChunkRef, caption_hash, model_tag
-from sim_pipeline.core.store import ObjectStore
+from sim_pipeline.core.store import (
+    REPAIR_ADVICE,
+    IntegrityError,
+    MissingObject,
+    ObjectStore,
+    read_json,
+    sha256_bytes,
+    write_json,
+)
 from sim_pipeline.results.db import ResultsDB
 from sim_pipeline.stages.embed.sets import EmbeddingSet, load_embedding_set
 from sim_pipeline.stages.plan import InputRow, read_chunk_rows
@@ -31,7 +40,8 @@ class ScoredRow:
     error: str | None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+        """ASCII only: no caption or URL can put a line break into a results line."""
+        return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, line: str) -> ScoredRow:
@@ -62,24 +72,45 @@ def join_score_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings,
                      results: ResultsDB | None = None) -> list[ScoredRow]:
     """Score the chunk (reusing stored results) and upsert it into the results table."""
     tag = model_tag(settings.model, settings.variant)
-    key = chunk.results_key(tag)
     rows = read_chunk_rows(store, chunk)
-    if store.exists(key):
-        scored = read_results(store, chunk, settings)
-    else:
+    scored = _earlier_results(store, chunk, settings)
+    if scored is None:
         images = load_embedding_set(store, chunk.image_embeddings_key(tag))
         texts = load_embedding_set(store, chunk.text_embeddings_key(tag))
         scored = list(score_rows(rows, images, texts))
-        store.write_bytes(key, "".join(s.to_json() + "\n" for s in scored).encode("utf-8"))
+        data = "".join(s.to_json() + "\n" for s in scored).encode("utf-8")
+        store.write_bytes(chunk.results_key(tag), data)
+        write_json(store, chunk.results_meta_key(tag),
+                   {"sha256": sha256_bytes(data), "rows": len(scored)})
     if results is not None:
         results.upsert_scores(table_row(s, chunk.run_id, settings.model, row.fields)
                               for s, row in zip(scored, rows, strict=True))
     return scored
 
 
+def _earlier_results(store: ObjectStore, chunk: ChunkRef, settings: Settings
+                     ) -> list[ScoredRow] | None:
+    """The chunk's results from an earlier attempt if they are whole; damaged ones are noted
+    and scored again."""
+    if not store.exists(chunk.results_meta_key(model_tag(settings.model, settings.variant))):
+        return None
+    try:
+        return read_results(store, chunk, settings)
+    except (IntegrityError, MissingObject, ValueError) as damaged:
+        tag = model_tag(settings.model, settings.variant)
+        repairs.note("results", store.uri(chunk.results_key(tag)), damaged)
+        return None
+
+
 def read_results(store: ObjectStore, chunk: ChunkRef, settings: Settings) -> list[ScoredRow]:
-    key = chunk.results_key(model_tag(settings.model, settings.variant))
-    return [ScoredRow.from_json(line) for line in store.read_bytes(key).decode().splitlines()]
+    """The chunk's results, verified against the digest written with them."""
+    tag = model_tag(settings.model, settings.variant)
+    meta = read_json(store, chunk.results_meta_key(tag))
+    data = store.read_bytes(chunk.results_key(tag))
+    if sha256_bytes(data) != meta["sha256"]:
+        raise IntegrityError(f"{store.uri(chunk.results_key(tag))} is damaged: "
+                             f"{REPAIR_ADVICE}.")
+    return [ScoredRow.from_json(line) for line in data.decode("utf-8").split("\n") if line]
 
 
 def table_row(scored: ScoredRow, run_id: str, model: str,

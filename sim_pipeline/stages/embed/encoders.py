@@ -6,8 +6,15 @@ stage never loads them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import model_tag
+
+if TYPE_CHECKING:
+    from sim_pipeline.stages.embed.remote import InferenceClient
 
 
 def vector_tag(settings: Settings) -> str:
@@ -30,3 +37,14 @@ def encoder_for(settings: Settings, tower: str):  # noqa: ANN202 - imported lazi
     from sim_pipeline.stages.embed.model import load_encoder
 
     return load_encoder(settings.model, settings.device, settings.precision, tower)
+
+
+@contextmanager
+def remote_encoder(settings: Settings) -> Iterator[InferenceClient]:
+    """The inference service of ``SIM_PIPELINE_INFERENCE_URL``: the stage sends store keys and
+    captions, and gets back the vectors the service's own model computed (no torch here)."""
+    from sim_pipeline.stages.embed.remote import InferenceClient
+
+    with InferenceClient(settings.inference_url, settings.model,
+                         api_key=settings.inference_api_key or None) as client:
+        yield client

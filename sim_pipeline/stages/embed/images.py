@@ -8,26 +8,33 @@ model, so decoding overlaps inference; only one full-size image per batch is ali
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+from sim_pipeline.core import errors as errors_code
+from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import ChunkRef, image_key, image_meta_key, model_tag
-from sim_pipeline.core.store import ObjectStore, read_json
+from sim_pipeline.core.store import IntegrityError, ObjectStore, read_json, sha256_bytes
 from sim_pipeline.core.streams import batched
 from sim_pipeline.stages.decode import DecodeFailed, decode_image
-from sim_pipeline.stages.embed.encoders import encoder_for, vector_tag
+from sim_pipeline.stages.embed.encoders import encoder_for, remote_encoder, vector_tag
+from sim_pipeline.stages.embed.remote import remote_image_vectors
 from sim_pipeline.stages.embed.sets import (
     EmbedStats,
     assemble,
     save_embedding_set,
     scorable,
+    set_is_whole,
 )
 from sim_pipeline.stages.embed.vector_cache import VectorCache
+from sim_pipeline.stages.fetch.loop import refetch
 from sim_pipeline.stages.plan import read_chunk_rows
 
 if TYPE_CHECKING:
@@ -50,59 +57,125 @@ def prefetched(work: Callable[[T], R], items: Iterable[T], workers: int) -> Iter
             yield pending.popleft().result()
 
 
-def _fetched_images(store: ObjectStore, chunk: ChunkRef, url_hashes: list[str]) -> tuple[
-        dict[str, str], dict[str, str]]:
-    """``({url_hash: image sha256}, {url_hash: fetch error})`` from the fetch records."""
-    content, errors = {}, {}
+def _fetched_images(store: ObjectStore, url_hashes: list[str]) -> tuple[
+        dict[str, str], dict[str, str], dict[str, int], list[str]]:
+    """From the fetch records: ``({url_hash: image sha256}, {url_hash: fetch error},
+    {url_hash: pixels}, [url_hash whose record is missing or damaged])``."""
+    content, errors, sizes, lost = {}, {}, {}, []
     for url_hash in url_hashes:
-        if not store.exists(image_meta_key(url_hash)):
-            raise RuntimeError(f"chunk {chunk.index} of run {chunk.run_id} was not fetched yet")
-        record = read_json(store, image_meta_key(url_hash))
+        try:
+            record = read_json(store, image_meta_key(url_hash))
+        except KeyError:
+            lost.append(url_hash)
+            continue
+        except IntegrityError as damaged:
+            repairs.note("image record", store.uri(image_meta_key(url_hash)), damaged)
+            lost.append(url_hash)
+            continue
         if record.get("error"):
             errors[url_hash] = record["error"]
         else:
             content[url_hash] = record["sha256"]
-    return content, errors
+            sizes[url_hash] = (record.get("width") or 1) * (record.get("height") or 1)
+    return content, errors, sizes, lost
+
+
+class PixelBudget:
+    """Decoded pixels in flight across the decode threads, at most ``limit``.
+
+    Counting images is not enough: a photo near the pixel cap is ~150 MB once decoded, so a few
+    threads each holding one would multiply the stage's peak memory. A thread waits until its
+    image fits; an image as large as the whole budget decodes alone.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = min(max(pixels, 1), self.limit)
+        with self._changed:
+            self._changed.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= pixels
+                self._changed.notify_all()
 
 
 def embed_images_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) -> EmbedStats:
-    """Decode and embed every fetched image of the chunk not already embedded."""
+    """Decode and embed every fetched image of the chunk not already embedded.
+
+    An image whose record or bytes are missing or damaged is fetched again first (noted in
+    ``repairs``); a damaged embedding set of an earlier attempt is recomputed.
+    """
     key = chunk.image_embeddings_key(model_tag(settings.model, settings.variant))
-    if store.exists(f"{key}.json"):
+    if set_is_whole(store, key, "image embeddings"):
         return EmbedStats(chunk_done_before=True)
     rows = scorable(read_chunk_rows(store, chunk))
-    url_hashes = sorted({r.url_hash for r in rows if r.url_hash})
-    content, errors = _fetched_images(store, chunk, url_hashes)
-    any_url = {sha: url_hash for url_hash, sha in sorted(content.items())}
-    cache = VectorCache(store, vector_tag(settings), "images")
-    vectors = cache.get_many(any_url)
-    todo = [(sha, url_hash) for sha, url_hash in any_url.items() if sha not in vectors]
-    failed = _compute_image_vectors(todo, store, settings, cache, vectors) if todo else {}
-    errors.update({u: failed[sha] for u, sha in content.items() if sha in failed})
+    urls = {r.url_hash: r.url for r in rows if r.url_hash}
+    url_hashes = sorted(urls)
+    for last_try in (False, True):
+        content, errors, sizes, lost = _fetched_images(store, url_hashes)
+        if lost and not last_try:
+            refetch({h: urls[h] for h in lost}, store, settings)
+            continue
+        errors.update({h: errors_code.IMAGE_LOST for h in lost})
+        any_url = {sha: url_hash for url_hash, sha in sorted(content.items())}
+        if settings.inference_url:  # the service reads the bytes from the shared store
+            with remote_encoder(settings) as client:
+                vectors, failed = remote_image_vectors(client, any_url)
+            todo, damaged = list(any_url.items()), []
+        else:
+            cache = VectorCache(store, vector_tag(settings), "images")
+            vectors = cache.get_many(any_url)
+            todo = [(sha, url_hash) for sha, url_hash in any_url.items() if sha not in vectors]
+            failed, damaged = (_compute_image_vectors(todo, store, settings, cache, vectors,
+                                                      sizes) if todo else ({}, []))
+        if damaged and not last_try:
+            refetch({h: urls[h] for h in damaged}, store, settings)
+            continue
+        errors.update({u: failed[sha] for u, sha in content.items() if sha in failed})
+        errors.update({h: errors_code.IMAGE_LOST for h in damaged})
+        break
     save_embedding_set(store, key, assemble(url_hashes, vectors, errors, content.get),
                        settings.model)
     return EmbedStats(len(todo) - len(failed), len(any_url) - len(todo), len(errors))
 
 
 def _compute_image_vectors(todo: list[tuple[str, str]], store: ObjectStore, settings: Settings,
-                           cache: VectorCache, vectors: dict[str, np.ndarray]) -> dict[str, str]:
-    """Embed ``(sha, url_hash)`` images; returns decode failures by sha."""
+                           cache: VectorCache, vectors: dict[str, np.ndarray],
+                           sizes: dict[str, int]) -> tuple[dict[str, str], list[str]]:
+    """Embed ``(sha, url_hash)`` images; returns decode failures by sha, and the url hashes
+    whose bytes were missing or did not match their record (to fetch again)."""
     encoder = encoder_for(settings, "image")
+    budget = PixelBudget(settings.max_pixels)
     failed: dict[str, str] = {}
+    damaged: list[str] = []
 
     def prepare(batch: list[tuple[str, str]]) -> tuple[list[str], Any]:
         done: list[str] = []
 
         def decoded() -> Iterator[Image.Image]:  # one full-size image alive at a time
             for sha, url_hash in batch:
-                try:
-                    image = decode_image(store.read_bytes(image_key(url_hash)),
-                                         settings.max_pixels)
-                except DecodeFailed as failure:
-                    failed[sha] = failure.code
-                    continue
-                done.append(sha)
-                yield image
+                with budget.hold(sizes.get(url_hash, 1)):
+                    data = _verified_bytes(store, url_hash, sha)
+                    if data is None:
+                        damaged.append(url_hash)
+                        continue
+                    try:
+                        image = decode_image(data, settings.max_pixels)
+                    except DecodeFailed as failure:
+                        failed[sha] = failure.code
+                        continue
+                    finally:
+                        del data
+                    done.append(sha)
+                    yield image
+                    del image
 
         pixels = encoder.preprocess(decoded())
         return done, pixels if done else None
@@ -118,4 +191,18 @@ def _compute_image_vectors(todo: list[tuple[str, str]], store: ObjectStore, sett
                 vectors.update(new)
         for write in writes:
             write.result()  # a failed write fails the stage
-    return failed
+    return failed, damaged
+
+
+def _verified_bytes(store: ObjectStore, url_hash: str, sha: str) -> bytes | None:
+    """The image's bytes if they are there and are the ones its record describes."""
+    key = image_key(url_hash)
+    try:
+        data = store.read_bytes(key)
+    except (KeyError, IntegrityError) as lost:
+        repairs.note("image", store.uri(key), "missing" if isinstance(lost, KeyError) else lost)
+        return None
+    if sha256_bytes(data) != sha:
+        repairs.note("image", store.uri(key), "bytes differ from their record")
+        return None
+    return data

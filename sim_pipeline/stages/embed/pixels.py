@@ -12,6 +12,7 @@ Only the configuration CLIP checkpoints use is replicated; any other returns ``N
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,10 @@ class FastClipPixels:
         ``images`` may be a generator decoding one image at a time: each is dropped as soon as its
         pixels are taken, so a batch never holds its full-size images all at once.
         """
-        rows = [self.pixels_of(image) for image in images]
+        rows = []
+        for image in images:
+            rows.append(self.pixels_of(image))
+            del image  # before the generator decodes the next one, not after
         if not rows:
             return np.empty((0, 3, self.crop_height, self.crop_width), dtype=np.float32)
         return np.stack(rows)
@@ -102,4 +106,14 @@ def pixel_values_function(processor: Any
     fast = FastClipPixels.matching(image_processor)
     if fast is not None:
         return fast
-    return lambda images: dict(processor(images=list(images), return_tensors="np"))
+    return functools.partial(_one_at_a_time, processor)
+
+
+def _one_at_a_time(processor: Any, images: Iterable[Image.Image]) -> dict[str, np.ndarray]:
+    """The processor on each image in turn, outputs stacked: the same arrays as one call on the
+    whole batch, without holding the batch's full-size images all at once."""
+    parts = []
+    for image in images:
+        parts.append(dict(processor(images=[image], return_tensors="np")))
+        del image  # before the generator decodes the next one, not after
+    return {key: np.concatenate([part[key] for part in parts]) for key in (parts or [{}])[0]}

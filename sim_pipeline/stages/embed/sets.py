@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sim_pipeline.core.store import ObjectStore, read_json, write_json
+from sim_pipeline.core import repairs
+from sim_pipeline.core.store import (
+    REPAIR_ADVICE,
+    IntegrityError,
+    ObjectStore,
+    read_json,
+    sha256_bytes,
+    write_json,
+)
 from sim_pipeline.stages.plan import InputRow
 
 
@@ -38,17 +46,39 @@ class EmbedStats:
 
 
 def save_embedding_set(store: ObjectStore, key: str, result: EmbeddingSet, model: str) -> None:
+    """The vectors first, then the JSON that names them and carries their digest: the JSON's
+    presence means the set is whole."""
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(result.vectors, dtype=np.float32), allow_pickle=False)
-    store.write_bytes(f"{key}.npy", buffer.getvalue())
-    write_json(store, f"{key}.json",
-               {"keys": result.keys, "errors": result.errors, "model": model})
+    data = buffer.getvalue()
+    store.write_bytes(f"{key}.npy", data)
+    write_json(store, f"{key}.json", {"keys": result.keys, "errors": result.errors,
+                                      "model": model, "npy_sha256": sha256_bytes(data)})
 
 
 def load_embedding_set(store: ObjectStore, key: str) -> EmbeddingSet:
+    """The set, verified: ``IntegrityError`` if either part is damaged, ``KeyError`` if missing."""
     meta = read_json(store, f"{key}.json")
-    vectors = np.load(io.BytesIO(store.read_bytes(f"{key}.npy")), allow_pickle=False)
+    data = store.read_bytes(f"{key}.npy")
+    if meta.get("npy_sha256", sha256_bytes(data)) != sha256_bytes(data):
+        raise IntegrityError(f"{store.uri(key + '.npy')} is damaged: {REPAIR_ADVICE}.")
+    vectors = np.load(io.BytesIO(data), allow_pickle=False)
+    if vectors.shape[0] != len(meta["keys"]):
+        raise IntegrityError(f"{store.uri(key + '.npy')} does not match its keys: "
+                             f"{REPAIR_ADVICE}.")
     return EmbeddingSet(meta["keys"], vectors, meta["errors"])
+
+
+def set_is_whole(store: ObjectStore, key: str, kind: str) -> bool:
+    """Whether the stage's set exists and is intact; a damaged one is noted for recomputing."""
+    if not store.exists(f"{key}.json"):
+        return False
+    try:
+        load_embedding_set(store, key)
+    except (IntegrityError, KeyError, ValueError) as damaged:
+        repairs.note(kind, store.uri(key), damaged)
+        return False
+    return True
 
 
 def assemble(keys: list[str], vectors: dict[str, np.ndarray], errors: dict[str, str],
@@ -60,10 +90,6 @@ def assemble(keys: list[str], vectors: dict[str, np.ndarray], errors: dict[str, 
         if key not in errors:
             matrix[i] = vectors[content(key)]
     return EmbeddingSet(keys, matrix, errors)
-
-
-def _scorable(rows: list[InputRow]) -> list[InputRow]:
-    return [r for r in rows if r.error is None]
 
 
 def scorable(rows: list[InputRow]) -> list[InputRow]:

@@ -77,7 +77,12 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 async def system_resolver(host: str, port: int, executor: ThreadPoolExecutor | None = None
                           ) -> list[IPAddress]:
-    """getaddrinfo in a thread; every TCP address, in the order the system prefers."""
+    """getaddrinfo in a thread; every TCP address, in the order the system prefers.
+
+    Whatever getaddrinfo raises becomes the row's code, never the run's crash: a name it cannot
+    even encode (a label over 63 characters, NUL: ``UnicodeError`` / ``ValueError``) or does not
+    know is ``UnknownHost``; any other failure is a connection error.
+    """
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.run_in_executor(
@@ -85,6 +90,10 @@ async def system_resolver(host: str, port: int, executor: ThreadPoolExecutor | N
     except socket.gaierror as error:
         if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
             raise UnknownHost(host) from None
+        raise httpcore.ConnectError(f"cannot resolve {host}: {error}") from None
+    except (UnicodeError, ValueError):
+        raise UnknownHost(host) from None
+    except OSError as error:
         raise httpcore.ConnectError(f"cannot resolve {host}: {error}") from None
     addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
     return list(dict.fromkeys(addresses))

@@ -11,6 +11,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from sim_pipeline.core.config import Settings
+from sim_pipeline.core.layout import image_key, image_meta_key
 from sim_pipeline.core.store import ObjectStore
 from sim_pipeline.stages.fetch.download import Downloader, Outcome
 from sim_pipeline.stages.fetch.guard import Resolver
@@ -38,6 +39,15 @@ async def fetch_urls(urls: dict[str, str], store: ObjectStore, settings: Setting
             await asyncio.gather(*(one(h, u) for h, u in todo.items()))
         await saver.drain()
     return stats
+
+
+def refetch(urls: dict[str, str], store: ObjectStore, settings: Settings) -> FetchStats:
+    """Fetch ``{url_hash: url}`` again after their bytes or records were found damaged or
+    missing: both are removed first, so nothing of the damaged copy survives."""
+    for url_hash in urls:
+        store.delete(image_key(url_hash))
+        store.delete(image_meta_key(url_hash))
+    return asyncio.run(fetch_urls(urls, store, settings))
 
 
 async def _uncached(urls: dict[str, str], store: ObjectStore, refetch_errors: bool,

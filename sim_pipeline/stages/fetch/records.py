@@ -11,9 +11,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from sim_pipeline.core import errors
+from sim_pipeline.core import errors, repairs
 from sim_pipeline.core.layout import image_key, image_meta_key
-from sim_pipeline.core.store import ObjectStore, read_json, sha256_bytes, write_json
+from sim_pipeline.core.store import (
+    IntegrityError,
+    ObjectStore,
+    read_json,
+    sha256_bytes,
+    write_json,
+)
 from sim_pipeline.stages.decode import DecodeFailed, inspect_image
 from sim_pipeline.stages.fetch.download import Outcome
 
@@ -93,9 +99,14 @@ class FetchStats:
 
 
 def needs_fetch(store: ObjectStore, url_hash: str, refetch_errors: bool = False) -> bool:
+    """No record, a damaged one (noted, then fetched again), or a failure worth retrying."""
     if not store.exists(image_meta_key(url_hash)):
         return True
-    error = read_json(store, image_meta_key(url_hash)).get("error")
+    try:
+        error = read_json(store, image_meta_key(url_hash)).get("error")
+    except IntegrityError as damaged:
+        repairs.note("image record", store.uri(image_meta_key(url_hash)), damaged)
+        return True
     return errors.is_transient(error) or (refetch_errors and error is not None)
 
 

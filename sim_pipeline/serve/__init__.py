@@ -1,0 +1,5 @@
+"""``sim-pipeline serve``: the pipeline's fetch, decode, embed and score steps as an online service.
+
+One long-lived process holds the model and shares the object store, the embedding cache and the
+results database with the batch pipeline. ``client`` talks to it without importing torch.
+"""

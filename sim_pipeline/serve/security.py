@@ -1,0 +1,63 @@
+"""API keys: who may call the service when it listens beyond 127.0.0.1.
+
+Keys come from ``SIM_PIPELINE_API_KEYS`` (comma-separated) and are read here, not into
+``Settings``: settings travel to pods and Airflow tasks and appear in reprs; keys must not. A caller
+sends ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. Every configured key is compared in
+constant time (``hmac.compare_digest``), so timing tells nothing about how much of a key matched.
+Probes and the API description stay open: load balancers and browsers cannot always send a key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from collections.abc import Mapping
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+API_KEYS_VARIABLE = "SIM_PIPELINE_API_KEYS"
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+
+def api_keys_from(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    environ = os.environ if environ is None else environ
+    return tuple(k.strip() for k in environ.get(API_KEYS_VARIABLE, "").split(",") if k.strip())
+
+
+def key_matches(offered: str, keys: tuple[str, ...]) -> bool:
+    """True if ``offered`` equals one of ``keys``; every key is compared, in constant time."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(offered.encode(), key.encode())
+    return found
+
+
+def offered_key(headers: Mapping[str, str]) -> str:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return headers.get("x-api-key", "")
+
+
+class ApiKeyMiddleware:
+    """Answers 401 to any request without a valid key, except on ``OPEN_PATHS``."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if key_matches(offered_key(headers), self.keys):
+            await self.app(scope, receive, send)
+            return
+        body = json.dumps({"detail": "A valid API key is required: send 'Authorization: Bearer "
+                                     "<key>' or 'X-API-Key: <key>'."}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"www-authenticate", b"Bearer"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
