@@ -65,3 +65,14 @@ AIRFLOW_PORT ?= 8080
 .PHONY: airflow
 airflow: setup
 	$(BIN)/python bin/airflow_local.py --port $(AIRFLOW_PORT) $(ARGS)
+
+# The production topology on loopback (CeleryExecutor, two workers on queues fetch + inference,
+# PostgreSQL, Redis, SeaweedFS), started in the background; see docs/airflow.md.
+STACK_PORT ?= 8080
+.PHONY: stack stack-down
+stack: setup
+	$(BIN)/python bin/stack.py up --port $(STACK_PORT) $(ARGS)
+
+# Stops exactly what `make stack` started (by the PIDs in .sim-pipeline/stack/state.json).
+stack-down:
+	$(BIN)/python bin/stack.py down $(ARGS)

@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def main() -> None:
     try:
         for count in args.counts:
             work = BENCH_DIR / f"hostile-{count}"
-            work.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(work, ignore_errors=True)  # cold: nothing fetched or embedded yet
+            work.mkdir(parents=True)
             source = work / "pairs.csv"
             with source.open("w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)

@@ -26,8 +26,11 @@ from sim_pipeline.core.layout import EMBED_TEXTS
 from sim_pipeline.runners.lifecycle import CHUNK_STAGES
 from tests.conftest import ImageServer, Route, make_image
 from tests.pairs import Case, read_csv, serve_good_images, write_cases
+from tests.seaweed import SeaweedFS
 from tests.support.tcp_proxy import PortProxy
 from tests.test_score_cli import score
+
+pytest_plugins = ["tests.plugin_s3"]
 
 
 def run_status(url: str, run_id: str) -> str:
@@ -77,6 +80,34 @@ def test_a_database_that_goes_away_mid_run_ends_in_one_sentence_and_the_run_is_m
     assert score(first, run, "--run-id", "db-away") == 0  # and a rerun resumes
     assert run_status(pg_url, "db-away") == "succeeded"
     assert len(read_csv(tmp_path / "first_scored.csv")) == 5
+    proxy.stop()
+
+
+def test_an_object_store_that_goes_away_mid_run_ends_in_one_sentence(
+        tmp_path: Path, settings: Settings, image_server: ImageServer, s3_env: SeaweedFS,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    s3_port = int(s3_env.endpoint.rsplit(":", 1)[1])
+    proxy = PortProxy(s3_port)
+    proxy.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    urls = serve_good_images(image_server, 3, prefix="s3-away")
+    source = write_cases(tmp_path / "pairs.csv", [Case(u, "a caption", None) for u in urls])
+    run = settings.replace(store=f"s3://{s3_env.bucket}/away-{tmp_path.name}")
+    real = CHUNK_STAGES[EMBED_TEXTS]
+
+    def store_goes_away(chunk, store, settings, results):  # noqa: ANN001, ANN202
+        proxy.stop()
+        return real(chunk, store, settings, results)
+
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, store_goes_away)
+    assert score(source, run) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "Cannot reach the S3 endpoint" in line
+    assert not (tmp_path / "pairs_scored.csv").exists()
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, real)
+    proxy.start()
+    assert score(source, run) == 0  # the same command resumes once the store is back
     proxy.stop()
 
 

@@ -111,6 +111,20 @@ def test_the_cli_and_score_pairs_match_the_family_reference(
         assert result.error is None and result.similarity == pytest.approx(want, abs=tolerance)
 
 
+def test_onnx_scores_a_clip_with_disagreeing_dims_at_parity(
+        tmp_path: Path, settings: Settings, clip_disagreeing_dims: Path,
+        image_server: ImageServer) -> None:
+    urls, bodies = served_pairs(image_server, "family-onnx-clip")
+    expected = reference_similarities(clip_disagreeing_dims, bodies, CAPTIONS)
+    source = write_cases(tmp_path / "pairs.csv", [Case(u, c, None) for u, c in
+                                                   zip(urls, CAPTIONS, strict=True)])
+    run = settings.replace(model=str(clip_disagreeing_dims))
+    assert score(source, run, "--backend", "onnx") == 0
+    rows = read_csv(tmp_path / "pairs_scored.csv")[1:]
+    for row, want in zip(rows, expected, strict=True):
+        assert float(row[-2]) == pytest.approx(want, abs=1e-3)
+
+
 def test_onnx_is_refused_for_siglip_before_any_fetch(
         tmp_path: Path, settings: Settings, siglip_model: Path, image_server: ImageServer,
         capsys: pytest.CaptureFixture[str]) -> None:

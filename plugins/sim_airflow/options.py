@@ -30,6 +30,7 @@ EXECUTIONS = ("local", "kubernetes")
 # too many images and embeddings at once.
 CHUNK_SIZE_FLOOR, CHUNK_SIZE_CEILING = 100, 100_000
 
+
 def option(name: str, default: str | None = None) -> str | None:
     """The environment variable ``SIM_PIPELINE_<NAME>``, else ``default`` when unset or empty."""
     return os.environ.get(f"SIM_PIPELINE_{name}") or default

@@ -1,0 +1,123 @@
+"""Airflow (make stack's topology) vs the CLI on the same CSV, side by side in one run.
+
+N pairs over M distinct ~50 KB JPEGs served from 127.0.0.1, chunk_size 1,000, cold: the stack is
+started fresh (bin/stack.py: CeleryExecutor, workers on queues fetch + inference, PostgreSQL,
+Redis, SeaweedFS), and the run is timed from the trigger to its success as the REST API reports
+it; `sim-pipeline score` then scores the same CSV as one process into the same S3 store and
+results database. The stack's start-up is printed apart: a deployment pays it once. Goal: Airflow
+wall time <= 1.5x the CLI's. Random ViT-B/32 weights (SIM_BENCH_MODEL_SHAPE=tiny for a smoke run):
+the scores mean nothing, only the times do. Prints, never asserts.
+
+    .venv/bin/python -m bench.airflow [--pairs 3000] [--images 2400] [--chunk-size 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+
+from bench.common import BENCH_DIR, serve_folder, vit_b32_checkpoint, write_images
+from bench.end_to_end import write_pairs
+from tests.airflow_helpers import AirflowApi, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+STACK = REPO / "bin" / "stack.py"
+
+
+def load_stack() -> ModuleType:
+    """bin/stack.py as a module, for its configuration and S3 keys."""
+    spec = importlib.util.spec_from_file_location("stack", STACK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stack"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def stack_call(*args: str, env: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, str(STACK), *args], env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"stack {args[0]} failed:\n{done.stdout}\n{done.stderr}")
+
+
+def airflow_run(api: AirflowApi, source: Path, output: Path, chunk_size: int) -> float:
+    """Trigger to success, in seconds (the run's own start and end as Airflow records them)."""
+    api.wait(api.has_dag, "the DAG to be parsed", 120)
+    run_id = api.trigger({"csv_path": str(source), "output_path": str(output),
+                          "chunk_size": chunk_size})
+    state = api.wait_for_run(run_id, timeout=3600)
+    if state != "success":
+        raise SystemExit(f"the Airflow run {run_id} ended {state}")
+    run = api.call("GET", api.run_path(run_id))
+    started, ended = (datetime.fromisoformat(run[k]) for k in ("queued_at", "end_date"))
+    return (ended - started).total_seconds()
+
+
+def cli_run(source: Path, env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run([str(Path(sys.executable).with_name("sim-pipeline")), "score", str(source),
+                    "--quiet"], env=env, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=3000)
+    parser.add_argument("--images", type=int, default=2400)
+    parser.add_argument("--chunk-size", type=int, default=1000)
+    args = parser.parse_args()
+
+    stack = load_stack()
+    model = str(vit_b32_checkpoint())
+    folder = BENCH_DIR / "images-640"
+    names = write_images(folder, args.images)
+    server, base_url = serve_folder(folder)
+    work = BENCH_DIR / "airflow"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    source = work / "pairs.csv"
+    write_pairs(source, base_url, names, args.pairs)
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("AIRFLOW", "SIM_PIPELINE_", "AWS_"))}
+    base.update(SIM_PIPELINE_MODEL=model, HF_HUB_OFFLINE="1",
+                SIM_PIPELINE_ALLOW_HOSTS=base_url.removeprefix("http://"))
+    home, port = work / "stack", free_port()
+    print(f"{args.pairs} pairs over {args.images} distinct 640x480 JPEGs, chunk_size "
+          f"{args.chunk_size}, {os.cpu_count()} CPUs, model: random weights "
+          f"({os.environ.get('SIM_BENCH_MODEL_SHAPE', 'vit-b-32')}), scores meaningless")
+    started = time.perf_counter()
+    stack_call("up", "--home", str(home), "--port", str(port),
+               "--name", f"sim_bench_{uuid.uuid4().hex[:8]}", env=base)
+    try:
+        startup = time.perf_counter() - started
+        config = stack.StackConfig(**stack.read_state(home)["config"])
+        airflow = airflow_run(AirflowApi(port), source, work / "airflow_scored.csv",
+                              args.chunk_size)
+        cli_env = {**stack.component_environ(config, base, "cli"),
+                   "AWS_ENDPOINT_URL": config.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.ACCESS_KEY,
+                   "AWS_SECRET_ACCESS_KEY": stack.SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+                   "SIM_PIPELINE_STORE": f"s3://{config.bucket}/cli-store",
+                   "SIM_PIPELINE_CHUNK_SIZE": str(args.chunk_size)}
+        cli = cli_run(source, cli_env)
+    finally:
+        stack_call("down", "--home", str(home), "--purge", env=base)
+        server.shutdown()
+    print(f"stack start-up (once per deployment) {startup:7.1f} s")
+    print(f"airflow (make stack, CeleryExecutor) {airflow:7.1f} s "
+          f"{args.pairs / airflow:8.1f} pairs/s")
+    print(f"sim-pipeline score (one process)     {cli:7.1f} s {args.pairs / cli:8.1f} pairs/s")
+    print(f"airflow / cli: x{airflow / cli:.2f} (goal <= x1.50)")
+
+
+if __name__ == "__main__":
+    main()

