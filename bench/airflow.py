@@ -14,12 +14,14 @@ the scores mean nothing, only the times do. Prints, never asserts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -70,11 +72,72 @@ def cli_run(source: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
+def library_env(stack: ModuleType, config: object, base: dict[str, str],
+                chunk_size: int) -> dict[str, str]:
+    """The environment of a library process (the CLI, the service) beside the stack: the
+    stack's results database, its S3 endpoint and keys, a store prefix of its own."""
+    return {**stack.component_environ(config, base, "cli"),
+            "AWS_ENDPOINT_URL": config.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": stack.SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
+            "SIM_PIPELINE_STORE": f"s3://{config.bucket}/cli-store",
+            "SIM_PIPELINE_CHUNK_SIZE": str(chunk_size)}
+
+
+def start_service(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """``sim-pipeline serve`` holding the model, ready when this returns."""
+    service = subprocess.Popen([str(Path(sys.executable).with_name("sim-pipeline")), "serve",
+                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if service.poll() is not None:
+            raise SystemExit("sim-pipeline serve exited while starting")
+        with contextlib.suppress(OSError), \
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+            return service
+        time.sleep(0.5)
+    raise SystemExit("sim-pipeline serve did not become ready")
+
+
+def stack_run(stack: ModuleType, base: dict[str, str], source: Path, work: Path,
+              chunk_size: int, served: bool) -> tuple[float, float, float | None]:
+    """A fresh stack: (start-up s, Airflow run s, CLI s or None). ``served``: the embed tasks
+    go to a ``sim-pipeline serve`` beside the stack (``SIM_PIPELINE_INFERENCE_URL``) instead of
+    loading the model in each task; it shares the stack's store and results database."""
+    base, service_port = dict(base), free_port()
+    if served:
+        base["SIM_PIPELINE_INFERENCE_URL"] = f"http://127.0.0.1:{service_port}"
+    home, port = work / ("stack-served" if served else "stack"), free_port()
+    started = time.perf_counter()
+    stack_call("up", "--home", str(home), "--port", str(port),
+               "--name", f"sim_bench_{uuid.uuid4().hex[:8]}", env=base)
+    service = None
+    try:
+        startup = time.perf_counter() - started
+        config = stack.StackConfig(**stack.read_state(home)["config"])
+        if served:
+            service_env = {**library_env(stack, config, base, chunk_size),
+                           "SIM_PIPELINE_STORE": stack.stack_environment(config, base)
+                           .get("SIM_PIPELINE_STORE", f"s3://{config.bucket}/store")}
+            service = start_service(service_env, service_port)
+        seconds = airflow_run(AirflowApi(port), source, work / f"airflow-{served}.csv",
+                              chunk_size)
+        cli = None if served else cli_run(source, library_env(stack, config, base, chunk_size))
+    finally:
+        if service is not None:
+            service.terminate()
+            service.wait()
+        stack_call("down", "--home", str(home), "--purge", env=base)
+    return startup, seconds, cli
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3000)
     parser.add_argument("--images", type=int, default=2400)
     parser.add_argument("--chunk-size", type=int, default=1000)
+    parser.add_argument("--service", action="store_true",
+                        help="also time a second stack whose embed tasks use sim-pipeline serve")
     args = parser.parse_args()
 
     stack = load_stack()
@@ -91,32 +154,24 @@ def main() -> None:
             if not k.startswith(("AIRFLOW", "SIM_PIPELINE_", "AWS_"))}
     base.update(SIM_PIPELINE_MODEL=model, HF_HUB_OFFLINE="1",
                 SIM_PIPELINE_ALLOW_HOSTS=base_url.removeprefix("http://"))
-    home, port = work / "stack", free_port()
     print(f"{args.pairs} pairs over {args.images} distinct 640x480 JPEGs, chunk_size "
           f"{args.chunk_size}, {os.cpu_count()} CPUs, model: random weights "
           f"({os.environ.get('SIM_BENCH_MODEL_SHAPE', 'vit-b-32')}), scores meaningless")
-    started = time.perf_counter()
-    stack_call("up", "--home", str(home), "--port", str(port),
-               "--name", f"sim_bench_{uuid.uuid4().hex[:8]}", env=base)
     try:
-        startup = time.perf_counter() - started
-        config = stack.StackConfig(**stack.read_state(home)["config"])
-        airflow = airflow_run(AirflowApi(port), source, work / "airflow_scored.csv",
-                              args.chunk_size)
-        cli_env = {**stack.component_environ(config, base, "cli"),
-                   "AWS_ENDPOINT_URL": config.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.ACCESS_KEY,
-                   "AWS_SECRET_ACCESS_KEY": stack.SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
-                   "SIM_PIPELINE_STORE": f"s3://{config.bucket}/cli-store",
-                   "SIM_PIPELINE_CHUNK_SIZE": str(args.chunk_size)}
-        cli = cli_run(source, cli_env)
+        startup, airflow, cli = stack_run(stack, base, source, work, args.chunk_size, False)
+        if args.service:
+            _, served, _ = stack_run(stack, base, source, work, args.chunk_size, True)
     finally:
-        stack_call("down", "--home", str(home), "--purge", env=base)
         server.shutdown()
     print(f"stack start-up (once per deployment) {startup:7.1f} s")
     print(f"airflow (make stack, CeleryExecutor) {airflow:7.1f} s "
           f"{args.pairs / airflow:8.1f} pairs/s")
     print(f"sim-pipeline score (one process)     {cli:7.1f} s {args.pairs / cli:8.1f} pairs/s")
     print(f"airflow / cli: x{airflow / cli:.2f} (goal <= x1.50)")
+    if args.service:
+        print(f"airflow, embedding through sim-pipeline serve {served:7.1f} s "
+              f"{args.pairs / served:8.1f} pairs/s")
+        print(f"airflow with the service / without: x{served / airflow:.2f}")
 
 
 if __name__ == "__main__":
