@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,16 @@ def test_fetch_only_warms_the_cache_for_a_later_score(
     assert score(source, settings) == 0
     assert image_server.total_requests() == before
     assert len(read_csv(tmp_path / "pairs_scored.csv")) == 6
+
+
+def test_outputs_are_created_with_the_usual_permissions_not_0600(
+        tmp_path: Path, settings: Settings, image_server: ImageServer) -> None:
+    (url,) = serve_good_images(image_server, 1, prefix="modes")
+    source = write_cases(tmp_path / "pairs.csv", [Case(url, "a caption", None)])
+    previous = os.umask(0o022)
+    try:
+        assert score(source, settings) == 0
+    finally:
+        os.umask(previous)
+    for name in ("pairs_scored.csv", "pairs_scored_report.html"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
