@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 
 from sim_pipeline import cli
 from sim_pipeline.core.config import Settings
+from sim_pipeline.core.layout import image_key, sha256_hex
 from tests.conftest import ImageServer
 from tests.pairs import Case, serve_good_images, write_cases
 from tests.test_score_cli import score
@@ -110,8 +112,37 @@ def test_store_verify_reports_damage_and_repair_removes_it(
 def test_a_random_half_of_the_store_deleted_is_rebuilt_by_a_rerun(
         tmp_path: Path, settings: Settings, image_server: ImageServer) -> None:
     source, first = scored_run(tmp_path, settings, image_server, "heal-half")
-    everything = files(Path(settings.store))
-    for path in random.Random(7).sample(everything, len(everything) // 2):
+    store = Path(settings.store)
+    shutil.copytree(store, tmp_path / "intact")
+    for seed in range(4):
+        shutil.rmtree(store)
+        shutil.copytree(tmp_path / "intact", store)
+        everything = files(store)
+        for path in random.Random(seed).sample(everything, len(everything) // 2):
+            path.unlink()
+        assert score(source, settings, "--chunk-size", "5") == 0
+        assert (tmp_path / "pairs_scored.csv").read_bytes() == first, f"seed {seed}"
+
+
+def test_one_image_record_and_another_images_bytes_lost_in_one_chunk_are_both_refetched(
+        tmp_path: Path, settings: Settings, image_server: ImageServer,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The record is found missing before any bytes are read, the other image's bytes only
+    while embedding: each loss gets its own fetch and neither row becomes ``image_lost``."""
+    source, first = scored_run(tmp_path, settings, image_server, "heal-both")
+    store = Path(settings.store)
+    in_first_chunk = [store / image_key(sha256_hex(image_server.url(f"/heal-both/{i}{suffix}")))
+                      for i, suffix in ((0, ".jpg"), (1, ".png"))]
+    in_first_chunk[0].with_suffix(".json").unlink()
+    in_first_chunk[1].unlink()
+    for path in files(store, "embeddings"):
         path.unlink()
+    for path in files(store, "runs"):
+        if path.name.startswith(("image-embeddings.", "results.")):
+            path.unlink()
+    before = image_server.total_requests()
+    capsys.readouterr()
     assert score(source, settings, "--chunk-size", "5") == 0
+    assert "image_lost" not in capsys.readouterr().out
+    assert image_server.total_requests() - before == 2
     assert (tmp_path / "pairs_scored.csv").read_bytes() == first

@@ -118,32 +118,49 @@ def embed_images_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) 
     rows = scorable(read_chunk_rows(store, chunk))
     urls = {r.url_hash: r.url for r in rows if r.url_hash}
     url_hashes = sorted(urls)
-    for last_try in (False, True):
+    refetched: set[str] = set()
+    while True:  # each image is fetched again at most once, so this ends
         content, errors, sizes, lost = _fetched_images(store, url_hashes)
-        if lost and not last_try:
-            refetch({h: urls[h] for h in lost}, store, settings)
+        if set(lost) - refetched:
+            refetched |= _refetch_once(lost, refetched, urls, store, settings)
             continue
-        errors.update({h: errors_code.IMAGE_LOST for h in lost})
         any_url = {sha: url_hash for url_hash, sha in sorted(content.items())}
-        if settings.inference_url:  # the service reads the bytes from the shared store
-            with remote_encoder(settings) as client:
-                vectors, failed = remote_image_vectors(client, any_url)
-            todo, damaged = list(any_url.items()), []
-        else:
-            cache = VectorCache(store, vector_tag(settings), "images")
-            vectors = cache.get_many(any_url)
-            todo = [(sha, url_hash) for sha, url_hash in any_url.items() if sha not in vectors]
-            failed, damaged = (_compute_image_vectors(todo, store, settings, cache, vectors,
-                                                      sizes) if todo else ({}, []))
-        if damaged and not last_try:
-            refetch({h: urls[h] for h in damaged}, store, settings)
+        vectors, todo, failed, damaged = _image_vectors(any_url, store, settings, sizes)
+        if set(damaged) - refetched:  # vectors computed so far are cached for the next pass
+            refetched |= _refetch_once(damaged, refetched, urls, store, settings)
             continue
+        errors.update({h: errors_code.IMAGE_LOST for h in [*lost, *damaged]})
         errors.update({u: failed[sha] for u, sha in content.items() if sha in failed})
-        errors.update({h: errors_code.IMAGE_LOST for h in damaged})
         break
     save_embedding_set(store, key, assemble(url_hashes, vectors, errors, content.get),
                        settings.model)
     return EmbedStats(len(todo) - len(failed), len(any_url) - len(todo), len(errors))
+
+
+def _image_vectors(any_url: dict[str, str], store: ObjectStore, settings: Settings,
+                   sizes: dict[str, int]) -> tuple[dict[str, np.ndarray], list[tuple[str, str]],
+                                                   dict[str, str], list[str]]:
+    """Vectors for ``{sha: url_hash}``, from the cache or computed (locally or by the service):
+    ``(vectors, images computed, decode failures by sha, url hashes whose bytes were lost)``."""
+    if settings.inference_url:  # the service reads the bytes from the shared store
+        with remote_encoder(settings) as client:
+            vectors, failed = remote_image_vectors(client, any_url)
+        return vectors, list(any_url.items()), failed, []
+    cache = VectorCache(store, vector_tag(settings), "images")
+    vectors = cache.get_many(any_url)
+    todo = [(sha, url_hash) for sha, url_hash in any_url.items() if sha not in vectors]
+    if not todo:
+        return vectors, todo, {}, []
+    failed, damaged = _compute_image_vectors(todo, store, settings, cache, vectors, sizes)
+    return vectors, todo, failed, damaged
+
+
+def _refetch_once(url_hashes: list[str], refetched: set[str], urls: dict[str, str],
+                  store: ObjectStore, settings: Settings) -> set[str]:
+    """Fetch again the images not fetched again before; returns the url hashes it fetched."""
+    again = {h: urls[h] for h in url_hashes if h not in refetched}
+    refetch(again, store, settings)
+    return set(again)
 
 
 def _compute_image_vectors(todo: list[tuple[str, str]], store: ObjectStore, settings: Settings,
