@@ -162,8 +162,9 @@ def test_a_host_label_over_63_characters_is_an_invalid_url_not_a_crash(
         good_urls: list[str]) -> None:
     assert url_problem(f"http://{LONG_LABEL_HOST}/x.jpg") == "invalid_url"
     assert url_problem(f"http://{'a' * 63}.example.com/x.jpg") is None
-    with pytest.raises(UnknownHost):  # the resolver refuses it itself, before any query
+    with pytest.raises(UnknownHost) as refused:
         asyncio.run(system_resolver(LONG_LABEL_HOST, 80))
+    assert isinstance(refused.value.__context__, UnicodeError)  # refused before any DNS query
     hop = image_server.add("/input-rows/to-long-label", Route(
         302, b"", "text/plain", headers={"Location": f"http://{LONG_LABEL_HOST}/x.jpg"}))
     rows = [["0", f"http://{LONG_LABEL_HOST}/x.jpg", "a caption", ""],

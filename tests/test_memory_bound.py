@@ -11,21 +11,22 @@ from pathlib import Path
 from bench.end_to_end import timed_process
 from bench.hostile_images import write_huge_images
 from sim_pipeline.core.config import Settings
+from tests.airflow_helpers import write_pairs
 from tests.conftest import ImageServer, Route
 
 SIDE = 7000  # 49 MP: just under the default 50 MP cap; ~147 MB once decoded
 
 
 def peak_mb(tmp_path: Path, settings: Settings, urls: list[str], name: str) -> float:
-    source = tmp_path / f"{name}.csv"
-    with source.open("w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows([["url", "caption"],
-                                      *([u, f"caption {i}"] for i, u in enumerate(urls))])
+    source = write_pairs(tmp_path / f"{name}.csv", urls)
     command = [str(Path(sys.executable).with_name("sim-pipeline")), "score", str(source),
                "--quiet", "--model", settings.model, "--store", str(tmp_path / name),
                "--database-url", f"sqlite:///{tmp_path / name}.db", "--device", "cpu",
                "--allow-hosts", settings.allow_hosts]
     _, peak = timed_process(command, dict(os.environ))
+    with (tmp_path / f"{name}_scored.csv").open(newline="", encoding="utf-8") as scored:
+        rows = list(csv.DictReader(scored))
+    assert len(rows) == len(urls) and not [r for r in rows if r["error"]], rows
     return peak
 
 

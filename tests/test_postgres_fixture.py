@@ -17,10 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def binaries_or_skip() -> None:
+    """These tests are the self-started path: without its programs they fail, saying why."""
     try:
         postgres.find_binaries()
-    except postgres.PostgresUnavailable:
-        pytest.skip("no PostgreSQL binaries here; the tests use the running server instead")
+    except postgres.PostgresUnavailable as missing:
+        pytest.fail(str(missing), pytrace=False)
 
 
 def test_a_throwaway_cluster_serves_the_results_table_and_is_gone_after() -> None:

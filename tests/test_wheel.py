@@ -41,8 +41,8 @@ def build_wheel(dest: Path) -> Path:
                             ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(REPO / name, source / name)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dest / "dist"),
-         str(source)])
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "--quiet", "-w", str(dest / "dist"), str(source)])  # this venv's setuptools: no index
     return next((dest / "dist").glob("sim_pipeline-*.whl"))
 
 
@@ -71,7 +71,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wheel = build_wheel(root)
     python = fresh_venv(root / "venv")
     run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-         "--no-deps", "--ignore-installed", "--no-compile", str(wheel)])
+         "--no-deps", "--no-index", "--ignore-installed", "--no-compile", str(wheel)])
     return python.parent
 
 
