@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,22 +25,18 @@ from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 
-from bench.common import BENCH_DIR, serve_folder, vit_b32_checkpoint, write_images
-from bench.end_to_end import write_pairs
-from tests.airflow_helpers import AirflowApi, free_port
+from bench.common import (
+    BENCH_DIR,
+    fresh_folder,
+    serve_folder,
+    vit_b32_checkpoint,
+    write_images,
+    write_pairs,
+)
+from tests.airflow_helpers import AirflowApi, free_port, load_stack
 
 REPO = Path(__file__).resolve().parent.parent
 STACK = REPO / "bin" / "stack.py"
-
-
-def load_stack() -> ModuleType:
-    """bin/stack.py as a module, for its configuration and S3 keys."""
-    spec = importlib.util.spec_from_file_location("stack", STACK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stack"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def stack_call(*args: str, env: dict[str, str]) -> None:
@@ -73,13 +67,14 @@ def cli_run(source: Path, env: dict[str, str]) -> float:
 
 
 def library_env(stack: ModuleType, config: object, base: dict[str, str],
-                chunk_size: int) -> dict[str, str]:
+                chunk_size: int, store: str = "cli-store") -> dict[str, str]:
     """The environment of a library process (the CLI, the service) beside the stack: the
-    stack's results database, its S3 endpoint and keys, a store prefix of its own."""
+    stack's results database, its S3 endpoint and keys, the store prefix ``store`` of the
+    bucket (the CLI's own by default)."""
     return {**stack.component_environ(config, base, "cli"),
             "AWS_ENDPOINT_URL": config.s3_endpoint, "AWS_ACCESS_KEY_ID": stack.ACCESS_KEY,
             "AWS_SECRET_ACCESS_KEY": stack.SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
-            "SIM_PIPELINE_STORE": f"s3://{config.bucket}/cli-store",
+            "SIM_PIPELINE_STORE": f"s3://{config.bucket}/{store}",
             "SIM_PIPELINE_CHUNK_SIZE": str(chunk_size)}
 
 
@@ -116,9 +111,8 @@ def stack_run(stack: ModuleType, base: dict[str, str], source: Path, work: Path,
         startup = time.perf_counter() - started
         config = stack.StackConfig(**stack.read_state(home)["config"])
         if served:
-            service_env = {**library_env(stack, config, base, chunk_size),
-                           "SIM_PIPELINE_STORE": stack.stack_environment(config, base)
-                           .get("SIM_PIPELINE_STORE", f"s3://{config.bucket}/store")}
+            # The stack's own store (bin/stack.py: s3://<bucket>/store), shared with its tasks.
+            service_env = library_env(stack, config, base, chunk_size, store="store")
             service = start_service(service_env, service_port)
         seconds = airflow_run(AirflowApi(port), source, work / f"airflow-{served}.csv",
                               chunk_size)
@@ -145,9 +139,7 @@ def main() -> None:
     folder = BENCH_DIR / "images-640"
     names = write_images(folder, args.images)
     server, base_url = serve_folder(folder)
-    work = BENCH_DIR / "airflow"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_folder("airflow")
     source = work / "pairs.csv"
     write_pairs(source, base_url, names, args.pairs)
     base = {k: v for k, v in os.environ.items()

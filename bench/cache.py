@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import shutil
 import time
 from pathlib import Path
 
-from bench.common import BENCH_DIR, serve_folder, vit_b32_checkpoint, write_images
+from bench.common import BENCH_DIR, fresh_folder, serve_folder, vit_b32_checkpoint, write_images
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.store import open_store
 from sim_pipeline.runners.pipeline import fetch_csv
@@ -71,9 +70,7 @@ def main() -> None:
     extra = args.pairs - round(args.pairs * args.repeated)
     names = write_images(folder, args.images + max(extra, 1))
     server, base_url = serve_folder(folder)
-    work = BENCH_DIR / "cache"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_folder("cache")
     settings = Settings(model=str(vit_b32_checkpoint()), store=str(work / "store"),
                         allow_hosts=base_url.removeprefix("http://"))
     print(f"{args.pairs} pairs over {args.images} distinct 640x480 JPEGs, then a file repeating "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import resource
+import shutil
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +42,23 @@ def write_images(folder: Path, count: int, size: tuple[int, int] = (640, 480)) -
             (folder / name).write_bytes(jpeg_bytes(i, size))
         names.append(name)
     return names
+
+
+def write_pairs(path: Path, base_url: str, names: list[str], pairs: int) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["url", "caption"])
+        for i in range(pairs):
+            writer.writerow([f"{base_url}/{names[i % len(names)]}",
+                             f"a photo of scene number {i} with some colourful shapes"])
+
+
+def fresh_folder(name: str) -> Path:
+    """``BENCH_DIR / name``, emptied: whatever an earlier run left there is removed first."""
+    folder = BENCH_DIR / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

@@ -11,15 +11,20 @@ imports neither torch nor transformers); peak RSS under 1 GB. Random ViT-B/32 we
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.common import BENCH_DIR, serve_folder, vit_b32_checkpoint, write_images
+from bench.common import (
+    BENCH_DIR,
+    fresh_folder,
+    serve_folder,
+    vit_b32_checkpoint,
+    write_images,
+    write_pairs,
+)
 
 RSS_PROBE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
@@ -37,15 +42,6 @@ def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float
     return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024
 
 
-def write_pairs(path: Path, base_url: str, names: list[str], pairs: int) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["url", "caption"])
-        for i in range(pairs):
-            writer.writerow([f"{base_url}/{names[i % len(names)]}",
-                             f"a photo of scene number {i} with some colourful shapes"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=1000)
@@ -57,9 +53,7 @@ def main() -> None:
     folder = BENCH_DIR / "images-640"
     names = write_images(folder, args.images)
     server, base_url = serve_folder(folder)
-    work = BENCH_DIR / "end-to-end"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_folder("end-to-end")
     source = work / "pairs.csv"
     write_pairs(source, base_url, names, args.pairs)
     env = {**os.environ, "SIM_PIPELINE_MODEL": model, "SIM_PIPELINE_STORE": str(work / "store"),

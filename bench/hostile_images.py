@@ -13,14 +13,13 @@ import argparse
 import csv
 import io
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bench.common import BENCH_DIR, serve_folder, vit_b32_checkpoint
+from bench.common import BENCH_DIR, fresh_folder, serve_folder, vit_b32_checkpoint
 from bench.end_to_end import timed_process
 
 
@@ -54,9 +53,7 @@ def main() -> None:
     peaks = []
     try:
         for count in args.counts:
-            work = BENCH_DIR / f"hostile-{count}"
-            shutil.rmtree(work, ignore_errors=True)  # cold: nothing fetched or embedded yet
-            work.mkdir(parents=True)
+            work = fresh_folder(f"hostile-{count}")  # cold: nothing fetched or embedded yet
             source = work / "pairs.csv"
             with source.open("w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)

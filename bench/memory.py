@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import shutil
 import sys
 from pathlib import Path
 
-from bench.common import BENCH_DIR, serve_folder, write_images
+from bench.common import BENCH_DIR, fresh_folder, serve_folder, write_images
 from bench.end_to_end import timed_process
 from tests.support.random_model import build_random_clip
 
@@ -41,9 +40,7 @@ def main() -> None:
     folder = BENCH_DIR / "images-320"
     names = write_images(folder, args.images, size=(320, 240))
     server, base_url = serve_folder(folder)
-    work = BENCH_DIR / "memory"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_folder("memory")
     env = {**os.environ, "SIM_PIPELINE_MODEL": str(model),
            "SIM_PIPELINE_DATABASE_URL": f"sqlite:///{work / 'results.db'}",
            "SIM_PIPELINE_ALLOW_HOSTS": base_url.removeprefix("http://")}

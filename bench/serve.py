@@ -19,7 +19,6 @@ import asyncio
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.common import BENCH_DIR, serve_folder, vit_b32_checkpoint, write_images
 from sim_pipeline.core.config import Settings
 from sim_pipeline.runners.pipeline import fetch_csv
+from tests.airflow_helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,12 +49,6 @@ class Figures:
         p50, p95, p99 = (np.percentile(self.latencies, q) * 1000 for q in (50, 95, 99))
         return (f"{self.mode:<26}{self.pairs:>6}{self.pairs / self.seconds:>9.1f}{p50:>9.0f}"
                 f"{p95:>9.0f}{p99:>9.0f}{self.mean_batch:>12.1f}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(model: Path, store: Path, allow_hosts: str, batch: int,

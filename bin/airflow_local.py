@@ -62,21 +62,29 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}?timeout=60"
 
 
+def loopback_airflow(port: int, executor: str) -> dict[str, str]:
+    """The Airflow settings this launcher and bin/stack.py share: this repo's DAG and plugins,
+    no examples, DAGs unpaused, every visitor an admin, the api-server at 127.0.0.1:``port``."""
+    return {
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": executor,
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+    }
+
+
 def airflow_environ(home: Path, port: int, base: Mapping[str, str]) -> dict[str, str]:
     """The environment of every component: this repo's DAG and plugins, local-only settings."""
     env = dict(base)
     env["AIRFLOW_HOME"] = str(home)  # and its own metadata DB, whatever the shell says
     env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sqlite_url(home / "airflow.db")
     defaults = {
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        **loopback_airflow(port, "LocalExecutor"),
         "SIM_PIPELINE_STORE": str(REPO / ".sim-pipeline" / "store"),
         "SIM_PIPELINE_DATABASE_URL": f"sqlite:///{REPO / '.sim-pipeline' / 'results.db'}",
     }

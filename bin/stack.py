@@ -38,8 +38,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +48,12 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 AIRFLOW = str(BIN / "airflow")
 sys.path.insert(0, str(REPO / "bin"))
-from airflow_local import pools_file, port_is_free  # noqa: E402 - the launcher's pools
+from airflow_local import (  # noqa: E402 - the launcher's pools, settings, health check
+    loopback_airflow,
+    pools_file,
+    port_is_free,
+    wait_for_api,
+)
 
 DEFAULT_HOME = REPO / ".sim-pipeline" / "stack"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -131,21 +134,13 @@ def stack_environment(cfg: StackConfig, base: Mapping[str, str]) -> dict[str, st
                "login": url.username, "password": url.password, "schema": url.database}
     store = {"conn_type": "aws", "login": ACCESS_KEY, "password": SECRET_KEY,
              "extra": {"endpoint_url": cfg.s3_endpoint, "region_name": "us-east-1"}}
-    api = f"http://127.0.0.1:{cfg.port}"
     return {
         "AIRFLOW_HOME": cfg.home,
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-        # The workers' slots (2 x --concurrency 2): no task waits long in a Celery queue.
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        # PARALLELISM 4 is the workers' slots (2 x --concurrency 2): no task waits long in a
+        # Celery queue.
+        **loopback_airflow(cfg.port, "CeleryExecutor"),
         "AIRFLOW__CORE__FERNET_KEY": FERNET_KEY,
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "sim_airflow.options.worker_hostname",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{api}/execution/",
-        "AIRFLOW__API__BASE_URL": api,
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(cfg.port),
         "AIRFLOW__API_AUTH__JWT_SECRET": JWT_SECRET,
@@ -337,7 +332,7 @@ class Supervisor:
         prepare(self.cfg, self.base)
         for name in AIRFLOW_COMMANDS:
             self.start(name)
-        wait_for_api(self.cfg.port)
+        wait_for_api(self.cfg.port, {}, timeout=180)  # no processes: it only waits for the UI
         (Path(self.cfg.home) / "ready").write_text("ready\n")
         print(f"stack is up: http://127.0.0.1:{self.cfg.port}", flush=True)
         while not self.stopping:
@@ -367,18 +362,6 @@ class Supervisor:
             print(f"stopped {name}", flush=True)
         for name, port in self.cfg.seaweed_ports.items():
             Path(f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock").unlink(missing_ok=True)
-
-
-def wait_for_api(port: int, timeout: float = 180) -> None:
-    url = f"http://127.0.0.1:{port}/api/v2/monitor/health"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    raise RuntimeError(f"the api-server did not answer on port {port} in {timeout:.0f} s")
 
 
 def state_path(home: Path) -> Path:

@@ -8,6 +8,7 @@ chose, and answers with one JSON line on stdout. The results are read from Postg
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import sqlalchemy as sa
@@ -123,6 +125,16 @@ def runs_of_source(pg_url: str, source: str) -> list[str]:
 
 def without(rows: list[dict[str, Any]], *columns: str) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k not in columns} for row in rows]
+
+
+def load_stack() -> ModuleType:
+    """bin/stack.py as a module: the stack's names and keys come from its one definition."""
+    spec = importlib.util.spec_from_file_location("stack", REPO / "bin" / "stack.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["stack"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -10,17 +10,14 @@ Every listener of the stack binds 127.0.0.1, and `down` leaves no process of it 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import boto3
@@ -32,6 +29,7 @@ from tests.airflow_helpers import (
     REPO,
     AirflowApi,
     free_port,
+    load_stack,
     run_status,
     score_rows,
     write_pairs,
@@ -42,16 +40,6 @@ from tests.pairs import serve_good_images
 ROWS = 2_000
 CHUNK_SIZE = 250  # eight chunks: enough embed tasks to kill a worker in the middle of one
 VICTIM = "worker-inference"
-
-
-def load_stack() -> ModuleType:
-    """bin/stack.py as a module: the stack's names and keys come from its one definition."""
-    spec = importlib.util.spec_from_file_location("stack", REPO / "bin" / "stack.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stack"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 stack_module = load_stack()

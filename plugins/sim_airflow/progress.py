@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def progress_lines(what: str, every: float | None = None) -> Iterator[None]:
-    """Log ``<what>: still running after N s`` every ``every`` seconds until the block ends."""
-    interval = progress_seconds() if every is None else every
+def progress_lines(what: str) -> Iterator[None]:
+    """Log ``<what>: still running after N s`` every ``SIM_PIPELINE_PROGRESS_SECONDS`` until the
+    block ends."""
+    interval = progress_seconds()
     started, done = time.monotonic(), threading.Event()
 
     def report() -> None:

@@ -67,16 +67,16 @@ def input_location(context: Context, settings: Settings) -> str:
     return str(context["task"].render_template(nightly_input(settings.store), context))
 
 
-def input_exists(location: str) -> bool:
+def input_exists(location: str, hook: S3Hook | None = None) -> bool:
     if is_s3(location):
         bucket, key = split_s3(location)
-        return bool(s3_hook().check_for_key(key, bucket))
+        return bool((hook or s3_hook()).check_for_key(key, bucket))
     return Path(location).is_file()
 
 
-def check_input(location: str, context: Context) -> None:
+def check_input(location: str, context: Context, hook: S3Hook | None = None) -> None:
     """A missing nightly input skips the run; a missing ``csv_path`` is a mistake and fails it."""
-    if input_exists(location):
+    if input_exists(location, hook):
         return
     if context["params"].get("csv_path"):
         raise AirflowFailException(f"Input {location} does not exist; check the trigger form's "
@@ -93,7 +93,7 @@ def skip(reason: str) -> None:
 
 
 @contextmanager
-def local_copy(location: str) -> Iterator[Path]:
+def local_copy(location: str, hook: S3Hook | None = None) -> Iterator[Path]:
     """The input as a local file: planning streams it, so an s3:// input is downloaded first."""
     if not is_s3(location):
         yield Path(location)
@@ -101,7 +101,7 @@ def local_copy(location: str) -> Iterator[Path]:
     bucket, key = split_s3(location)
     with tempfile.TemporaryDirectory(prefix="sim-pipeline-input-") as folder:
         path = Path(folder) / PurePosixPath(key).name
-        s3_hook().get_key(key, bucket).download_file(str(path))
+        (hook or s3_hook()).get_key(key, bucket).download_file(str(path))
         yield path
 
 
@@ -130,8 +130,9 @@ def plan_run() -> list[Chunk]:
     context = get_current_context()
     settings = task_settings(context["params"], run_id=context["run_id"])
     location = input_location(context, settings)
-    check_input(location, context)
-    with fail_at_once_when_hopeless(INPUT_FIELD), local_copy(location) as path:
+    hook = s3_hook() if is_s3(location) else None  # one for the check and the download
+    check_input(location, context, hook)
+    with fail_at_once_when_hopeless(INPUT_FIELD), local_copy(location, hook) as path:
         rows = count_rows(path, settings)
         if rows == 0:
             skip(f"Input {location} has a header but no rows: nothing to score.")
@@ -201,9 +202,10 @@ def write_output(settings: Settings, output: str) -> dict[str, Any]:
     bucket, key = split_s3(output)
     with tempfile.TemporaryDirectory(prefix="sim-pipeline-output-") as folder:
         result = stages.finalize(settings, Path(folder) / PurePosixPath(key).name)
-        s3_hook().load_file(result["output"], key, bucket, replace=True)
+        hook = s3_hook()
+        hook.load_file(result["output"], key, bucket, replace=True)
         report_key = str(PurePosixPath(key).with_name(Path(result["report"]).name))
-        s3_hook().load_file(result["report"], report_key, bucket, replace=True)
+        hook.load_file(result["report"], report_key, bucket, replace=True)
     return {**result, "output": output, "report": f"s3://{bucket}/{report_key}"}
 
 

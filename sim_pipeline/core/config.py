@@ -22,6 +22,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 BACKENDS = ("torch", "onnx", "onnx-int8")
 DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_RETRY_SECONDS = 60.0  # how long writes retry a results database that went away
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Settings:
     allow_hosts: str = ""
     refetch_errors: bool = False
     fetch_processes: int = 0  # 0: one per CPU core, used when a chunk has enough URLs
-    db_retry_seconds: float = 60.0  # how long writes retry a results database that went away
+    db_retry_seconds: float = DEFAULT_RETRY_SECONDS
     inference_url: str = ""  # an inference service (`sim-pipeline serve`) to embed with
     inference_api_key: str = field(default="", repr=False)
     # Given by code (an Airflow connection), never by a flag or env var: boto3 reads its own.
@@ -105,8 +106,11 @@ def _check_allow_hosts(text: str) -> None:
             from None
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
 def _parse_bool(raw: str) -> bool:
-    if raw.strip().lower() in ("1", "true", "yes", "on"):
+    if raw.strip().lower() in TRUE_WORDS:
         return True
     if raw.strip().lower() in ("0", "false", "no", "off"):
         return False

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from sim_pipeline.core.config import TRUE_WORDS
+
 RESUME = "rerun the same command: it resumes where it stopped"
 
 
@@ -42,8 +44,7 @@ def sigterm_stops() -> Iterator[None]:
 
 
 def debug_requested(flag: bool = False) -> bool:
-    return flag or os.environ.get("SIM_PIPELINE_DEBUG", "").strip().lower() in (
-        "1", "true", "yes", "on")
+    return flag or os.environ.get("SIM_PIPELINE_DEBUG", "").strip().lower() in TRUE_WORDS
 
 
 def known_fault(error: BaseException) -> str | None:

@@ -44,7 +44,7 @@ class ObjectStore(Protocol):
     def write_bytes(self, key: str, data: bytes, sha256: str | None = None) -> None: ...
     def create_bytes(self, key: str, data: bytes, sha256: str | None = None) -> bool: ...
     def delete(self, key: str) -> None: ...
-    def list_keys(self, prefix: str = "") -> Iterator[str]: ...
+    def list_keys(self) -> Iterator[str]: ...
     def uri(self, key: str) -> str: ...
 
 
@@ -157,10 +157,9 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
 
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
-        """Every key under ``prefix`` (a folder, or ""), in sorted order; temp files skipped."""
-        top = os.path.join(self._root, *prefix.strip("/").split("/")) if prefix else self._root
-        for folder, subfolders, files in os.walk(top):
+    def list_keys(self) -> Iterator[str]:
+        """Every key, in sorted order; temp files skipped."""
+        for folder, subfolders, files in os.walk(self._root):
             subfolders.sort()
             relative = os.path.relpath(folder, self._root).replace(os.sep, "/")
             for name in sorted(files):
@@ -328,11 +327,11 @@ class S3Store:
     def delete(self, key: str) -> None:
         self._call("delete_object", Bucket=self.bucket, Key=self._key(key))
 
-    def list_keys(self, prefix: str = "") -> Iterator[str]:
-        """Every key under ``prefix``, in S3's (sorted) order."""
+    def list_keys(self) -> Iterator[str]:
+        """Every key, in S3's (sorted) order."""
         start = len(self._key(""))
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._key(prefix.strip("/")))
+            Bucket=self.bucket, Prefix=self._key(""))
         for page in pages:
             for item in page.get("Contents", []):
                 yield item["Key"][start:]

@@ -5,7 +5,7 @@ in one transaction keyed by (run_id, row_number), so a retried chunk replaces it
 duplicating them, and a killed writer leaves the whole chunk or none of it. On PostgreSQL the rows
 go in by binary COPY after a delete of the same keys, under a per-run advisory lock; elsewhere by
 an ``executemany`` of ``INSERT ... ON CONFLICT DO UPDATE``. What people read back (runs, exports,
-reports) is in ``results_query``.
+reports) is in ``results.query``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from sim_pipeline.core.config import DEFAULT_RETRY_SECONDS
 from sim_pipeline.core.errors import UserError
 
 # Numbered DDL files shipped inside the package (read as package data, so a wheel has them too).
@@ -34,7 +35,6 @@ MIGRATIONS = resources.files("sim_pipeline.results") / "migrations"
 MIGRATION_NAME = re.compile(r"^[0-9]{3}_[A-Za-z0-9_]+(\.[a-z]+)?\.sql$")
 RUN_LEVEL = -1  # stage_timings.chunk of the stages that run once per run (plan, finalize)
 SQLITE_BUSY_TIMEOUT_S = 60  # how long a SQLite writer waits for another one to commit
-DEFAULT_RETRY_SECONDS = 60.0  # how long writes retry a database that stopped answering
 RETRY_BACKOFF_MAX = 8.0
 log = logging.getLogger(__name__)
 W = TypeVar("W", bound=Callable[..., Any])
@@ -69,7 +69,7 @@ stage_timings = sa.Table(
     sa.Column("chunk", sa.Integer, primary_key=True),
     sa.Column("seconds", sa.Float), sa.Column("finished_at", sa.DateTime(timezone=True)),
 )
-latest_similarity_scores = sa.Table(  # a view (sql/002): the newest row per url, caption, model
+latest_similarity_scores = sa.Table(  # view (migration 002): newest row per url, caption, model
     "latest_similarity_scores", sa.MetaData(),
     *(sa.Column(c.name, c.type) for c in similarity_scores.columns if c.name != "input_fields"),
 )
@@ -109,7 +109,7 @@ def _statements(sql: str) -> list[str]:
 
 
 def apply_schema(engine: Engine, upto: str | None = None) -> list[str]:
-    """Apply the numbered files of ``sql/`` not yet recorded; returns the names applied.
+    """Apply the numbered files of ``migrations/`` not yet recorded; returns the names applied.
 
     All of them in one transaction that holds the schema lock (PostgreSQL: an advisory lock;
     SQLite: ``BEGIN IMMEDIATE``), so two processes starting at once apply each file once. ``upto``
@@ -155,12 +155,27 @@ def _json(values: Sequence[str] | None) -> str | None:
     return None if values is None else _JSON([storable(v) for v in values])
 
 
-def _upsert(conn: Connection, table: sa.Table, rows: list[Mapping[str, Any]]) -> None:
+def _upsert(conn: Connection, table: sa.Table, rows: list[Mapping[str, Any]],
+            replace: bool = True) -> None:
+    """Insert ``rows``; a row whose key exists replaces it, or (``replace=False``) is dropped."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     statement = dialect.insert(table)
     keys = [c.name for c in table.primary_key.columns]
+    if not replace:
+        conn.execute(statement.on_conflict_do_nothing(index_elements=keys), rows)
+        return
     updates = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
     conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=updates), rows)
+
+
+def _opened_run(run_id: str, source: str, model: str, rows_total: int,
+                columns: Sequence[str] | None, delimiter: str | None) -> dict[str, Any]:
+    """A ``scoring_runs`` row for a run that starts now."""
+    now = _now()
+    return {"run_id": run_id, "source": storable(source), "model": model, "started_at": now,
+            "finished_at": None, "status": "running", "rows_total": rows_total,
+            "rows_ok": None, "rows_error": None, "input_columns": _json(columns),
+            "input_delimiter": delimiter, "updated_at": now}
 
 
 def _lock_runs(conn: Connection, run_ids: Iterable[str]) -> None:
@@ -296,18 +311,26 @@ class ResultsDB:
         ``columns`` and ``delimiter`` describe the input file, so the scored CSV can be exported
         from the database alone. Stage timings of an earlier attempt are cleared.
         """
-        now = _now()
         with self.engine.begin() as conn:
             _lock_runs(conn, [run_id])
             conn.execute(similarity_scores.delete().where(
                 similarity_scores.c.run_id == run_id,
                 similarity_scores.c.row_number >= rows_total))
             conn.execute(stage_timings.delete().where(stage_timings.c.run_id == run_id))
-            _upsert(conn, scoring_runs, [{
-                "run_id": run_id, "source": storable(source), "model": model, "started_at": now,
-                "finished_at": None, "status": "running", "rows_total": rows_total,
-                "rows_ok": None, "rows_error": None, "input_columns": _json(columns),
-                "input_delimiter": delimiter, "updated_at": now}])
+            _upsert(conn, scoring_runs,
+                    [_opened_run(run_id, source, model, rows_total, columns, delimiter)])
+
+    @_retried
+    def open_run_if_absent(self, run_id: str, source: str, model: str, rows_total: int,
+                           columns: Sequence[str] | None = None,
+                           delimiter: str | None = None) -> None:
+        """Open the run as ``start_run`` would if it is not there yet; otherwise leave it, and
+        its rows, alone. Nothing is deleted, so writers that each open the same run before
+        writing to it (service replicas) cannot remove one another's rows."""
+        with self.engine.begin() as conn:
+            _upsert(conn, scoring_runs,
+                    [_opened_run(run_id, source, model, rows_total, columns, delimiter)],
+                    replace=False)
 
     @_retried
     def finish_run(self, run_id: str, status: str, unless_active_since: datetime | None = None

@@ -2,7 +2,7 @@
 
 The CSV is the one ``score`` and ``finalize`` write, byte for byte: the input's columns and
 delimiter (kept in ``scoring_runs``), each row's input values (kept in ``similarity_scores``), and
-the same row formatting (``finalize.scored_fields``). Rows written before the database kept input
+the same row formatting (``scored_csv.scored_fields``). Rows written before the database kept input
 values (schema 001) come out in a reduced layout: ``image_url, caption, similarity, error``.
 Parquet has the same columns in the same order, with ``similarity`` a double and nulls for empty.
 """
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.files import atomic_path
+from sim_pipeline.core.streams import batched
 from sim_pipeline.results.db import ResultsDB
 from sim_pipeline.results.query import ExportRow, RunInfo, export_rows, get_run, rows_without_fields
 from sim_pipeline.results.scored_csv import scored_csv_writer, scored_fields, scored_header
@@ -72,7 +72,7 @@ def _write_parquet(path: Path, columns: list[str], rows: Iterator[ExportRow],
                         pa.field("similarity", pa.float64()), pa.field("error", pa.string())])
     count = 0
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        while batch := list(islice(rows, PARQUET_BATCH)):
+        for batch in batched(rows, PARQUET_BATCH):
             values = [_fields(row, reduced) for row in batch]
             arrays = [pa.array([v[i] for v in values], pa.string())
                       for i in range(len(columns))]

@@ -201,17 +201,18 @@ class Run:
 
     def mark_pending_failures(self) -> None:
         """Mark failed the runs that failed while the database was away (unless rerun since)."""
-        if self.results is None or not self.store.exists(PENDING_FAILURES_KEY):
+        pending = self._pending_failures() if self.results is not None else {}
+        if not pending:
             return
-        pending = self._pending_failures()
         for run_id, failed_at in pending.items():
             self.results.finish_run(run_id, "failed", datetime.fromisoformat(failed_at))
         write_json(self.store, PENDING_FAILURES_KEY, {})
 
     def _pending_failures(self) -> dict[str, str]:
-        if not self.store.exists(PENDING_FAILURES_KEY):
+        try:
+            return dict(read_json(self.store, PENDING_FAILURES_KEY))
+        except MissingObject:
             return {}
-        return dict(read_json(self.store, PENDING_FAILURES_KEY))
 
     @contextmanager
     def timed(self, run_id: str, stage: str, chunk: int = RUN_LEVEL) -> Iterator[None]:

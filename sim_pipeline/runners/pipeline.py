@@ -17,7 +17,6 @@ from tqdm import tqdm
 from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES, JOIN_SCORE
-from sim_pipeline.results.db import masked
 from sim_pipeline.results.report import report_path
 from sim_pipeline.runners.lifecycle import Run
 from sim_pipeline.stages.embed.model import release_encoders
@@ -109,7 +108,7 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
     run = Run.open(settings)
     plan = run.plan(source)
     summary = RunSummary(plan.run_id, Path(output or default_output_path(source)),
-                         masked(run.results.url))  # type: ignore[union-attr]
+                         run.results.shown_url)  # type: ignore[union-attr]
     try:
         for fetched in over_chunks(run, FETCH_IMAGES, plan, progress):
             summary.fetch.add(fetched)

@@ -9,7 +9,7 @@ to another replica.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -44,12 +44,15 @@ class Admission:
             self.in_flight -= items
 
 
-async def _refuse(send: Send, status: int, detail: str) -> None:
+async def refuse(send: Send, status: int, detail: str,
+                 headers: Sequence[tuple[bytes, bytes]] = (), close: bool = False) -> None:
+    """Answer ``{"detail": ...}`` from raw ASGI, before the app: ``headers`` go between the
+    content type and the length; ``close`` adds ``connection: close`` after them."""
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
+                "headers": [(b"content-type", b"application/json"), *headers,
                             (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            *([(b"connection", b"close")] if close else [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -71,7 +74,7 @@ class BodyLimitMiddleware:
                    "(--max-body-bytes); send fewer items per request.")
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            await _refuse(send, 413, too_big)
+            await refuse(send, 413, too_big, close=True)
             return
         chunks: list[bytes] = []
         size, more = 0, True
@@ -83,7 +86,7 @@ class BodyLimitMiddleware:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > self.limit:
-                await _refuse(send, 413, too_big)
+                await refuse(send, 413, too_big, close=True)
                 return
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 

@@ -10,11 +10,12 @@ Probes and the API description stay open: load balancers and browsers cannot alw
 from __future__ import annotations
 
 import hmac
-import json
 import os
 from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sim_pipeline.serve.limits import refuse
 
 API_KEYS_VARIABLE = "SIM_PIPELINE_API_KEYS"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
@@ -54,10 +55,6 @@ class ApiKeyMiddleware:
         if key_matches(offered_key(headers), self.keys):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": "A valid API key is required: send 'Authorization: Bearer "
-                                     "<key>' or 'X-API-Key: <key>'."}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"www-authenticate", b"Bearer"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await refuse(send, 401, "A valid API key is required: send 'Authorization: Bearer "
+                                "<key>' or 'X-API-Key: <key>'.",
+                     [(b"www-authenticate", b"Bearer")])

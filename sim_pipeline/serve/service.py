@@ -14,7 +14,6 @@ import asyncio
 import base64
 import binascii
 import logging
-import os
 import re
 import threading
 import time
@@ -30,10 +29,9 @@ import sqlalchemy as sa
 
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import TOO_LARGE, UserError
-from sim_pipeline.core.layout import caption_hash, image_key, image_meta_key
+from sim_pipeline.core.layout import caption_hash, image_key
 from sim_pipeline.core.store import open_store, read_json, sha256_bytes
 from sim_pipeline.results.db import ResultsDB
-from sim_pipeline.results.query import get_run
 from sim_pipeline.serve.batcher import MicroBatcher
 from sim_pipeline.serve.limits import Admission
 from sim_pipeline.serve.metrics import ServeMetrics
@@ -41,19 +39,18 @@ from sim_pipeline.serve.models import ImageInput, Pair
 from sim_pipeline.serve.options import ServeOptions
 from sim_pipeline.stages.decode import DecodeFailed, decode_image
 from sim_pipeline.stages.embed.encoders import encoder_for, vector_tag
-from sim_pipeline.stages.embed.vector_cache import VectorCache
+from sim_pipeline.stages.embed.images import DECODE_WORKERS
+from sim_pipeline.stages.embed.vector_cache import IO_THREADS, VectorCache
 from sim_pipeline.stages.fetch.download import Downloader
-from sim_pipeline.stages.fetch.records import needs_fetch, save_fetch
+from sim_pipeline.stages.fetch.records import cached_record, save_fetch
 from sim_pipeline.stages.plan import InputRow, normalise_row
-from sim_pipeline.stages.score import ScoredRow, similarity_from_cosine, table_row
+from sim_pipeline.stages.score import ScoredRow, failed_row, scored_pair, table_row
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Vector = np.ndarray
 VectorOrCode = np.ndarray | str  # a vector, or the error code of why there is none
 IMAGE_KEY = re.compile(r"^images/([0-9a-f]{2})/\1[0-9a-f]{62}$")
-DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
-IO_THREADS = 16  # store and database calls wait on I/O (S3 round trips)
 PROBE_TIMEOUT_S = 5.0
 SERVICE_SOURCE = "sim-pipeline serve"
 
@@ -92,11 +89,8 @@ def scored_row(row: InputRow, image: VectorOrCode | None, text: Vector | None) -
     """A pair's result, as join-score computes it: the first error met, else the similarity."""
     if isinstance(image, str) or image is None or text is None:
         error = row.error or (image if isinstance(image, str) else None)
-        return ScoredRow(row.row, row.url, row.url_hash, row.caption, None, None, error)
-    cosine = float(np.dot(image.astype(np.float64), text.astype(np.float64)))
-    cosine = max(-1.0, min(1.0, cosine))
-    return ScoredRow(row.row, row.url, row.url_hash, row.caption,
-                     similarity_from_cosine(cosine), round(cosine, 6), None)
+        return failed_row(row, error)
+    return scored_pair(row, image, text)
 
 
 def service_run_id(now: datetime | None = None) -> str:
@@ -246,11 +240,11 @@ class Service:
 
     async def _fetch_record(self, url_hash: str, url: str) -> dict[str, Any]:
         """The fetch stage's record of ``url``: from the store, or fetched and saved there."""
-        cached = not await self._io(needs_fetch, self.store, url_hash,
-                                    self.settings.refetch_errors)
-        self.metrics.cache_lookup("image_bytes", cached)
-        if cached:
-            return await self._io(read_json, self.store, image_meta_key(url_hash))
+        cached = await self._io(cached_record, self.store, url_hash,
+                                self.settings.refetch_errors)
+        self.metrics.cache_lookup("image_bytes", cached is not None)
+        if cached is not None:
+            return cached
         outcome = await self.downloader.fetch(url)
         record = await self._io(save_fetch, self.store, url_hash, url, outcome,
                                 self.settings.max_pixels)
@@ -269,12 +263,10 @@ class Service:
 
     def _write_rows(self, run_id: str, rows: list[dict[str, object]]) -> None:
         db = self.database()
-        with self._db_lock:  # one opener per run per process: start_run must not race upserts
+        with self._db_lock:  # each run opened once per process; the set is only a cache
             if run_id not in self._runs_opened:
-                try:
-                    get_run(db, run_id)
-                except UserError:  # not there yet: today's first recorded request
-                    db.start_run(run_id, SERVICE_SOURCE, self.settings.model, 0)
+                # never start_run: it would delete rows another replica has recorded
+                db.open_run_if_absent(run_id, SERVICE_SOURCE, self.settings.model, 0)
                 self._runs_opened.add(run_id)
         db.upsert_scores(rows)
 
@@ -283,7 +275,8 @@ class Service:
     async def text_vectors(self, texts: list[str]) -> list[Vector]:
         """One vector per text (repeats embedded once), cached ones without inference."""
         towers = self.ready_towers()
-        by_hash = {caption_hash(t): t for t in texts}
+        hashes = [caption_hash(t) for t in texts]
+        by_hash = dict(zip(hashes, texts, strict=True))
         cache = VectorCache(self.store, towers.tag, "texts")
         found = await self._io(cache.get_many, list(by_hash))
         for h in by_hash:
@@ -291,7 +284,7 @@ class Service:
         missing = [h for h in by_hash if h not in found]
         new = await asyncio.gather(*(self.text_batcher.submit((h, by_hash[h])) for h in missing))
         found.update(zip(missing, new, strict=True))
-        return [found[caption_hash(t)] for t in texts]
+        return [found[h] for h in hashes]
 
     async def image_vectors(self, inputs: Sequence[ImageInput]) -> list[VectorOrCode]:
         """One vector (or error code) per image given as bytes or as a fetched image's key."""

@@ -379,13 +379,6 @@ def _intact_plan(store: ObjectStore, run_id: str, digest: str) -> bool:
     return True
 
 
-def plan_input(path: str | Path, store: ObjectStore, settings: Settings) -> RunPlan:
-    """Plan ``path`` under the settings' run id, or under one derived from its content."""
-    path = Path(path)
-    check_input_file(path)
-    return plan_csv(path, store, settings, settings.run_id or default_run_id(path, settings))
-
-
 def load_plan(store: ObjectStore, run_id: str, digest: str | None = None) -> RunPlan:
     """The run's plan; its newest one unless a digest is given."""
     if digest is None:

@@ -52,20 +52,29 @@ def similarity_from_cosine(cosine: float) -> float:
     return round((cosine + 1.0) / 2.0, 4)
 
 
+def scored_pair(row: InputRow, image: np.ndarray, text: np.ndarray) -> ScoredRow:
+    """The row's result from its two unit vectors: cosine in float64, clamped to [-1, 1]."""
+    cosine = float(np.dot(image.astype(np.float64), text.astype(np.float64)))
+    cosine = max(-1.0, min(1.0, cosine))
+    return ScoredRow(row.row, row.url, row.url_hash, row.caption,
+                     similarity_from_cosine(cosine), round(cosine, 6), None)
+
+
+def failed_row(row: InputRow, error: str | None) -> ScoredRow:
+    """The row's result when it has no score: no similarity, no cosine, just ``error``."""
+    return ScoredRow(row.row, row.url, row.url_hash, row.caption, None, None, error)
+
+
 def score_rows(rows: list[InputRow], images: EmbeddingSet, texts: EmbeddingSet) -> Iterator[
         ScoredRow]:
     image_index, text_index = images.lookup(), texts.lookup()
     for row in rows:
         error = row.error or images.errors.get(row.url_hash or "")
         if error:
-            yield ScoredRow(row.row, row.url, row.url_hash, row.caption, None, None, error)
+            yield failed_row(row, error)
             continue
-        image = images.vectors[image_index[row.url_hash]]
-        text = texts.vectors[text_index[caption_hash(row.caption)]]
-        cosine = float(np.dot(image.astype(np.float64), text.astype(np.float64)))
-        cosine = max(-1.0, min(1.0, cosine))
-        yield ScoredRow(row.row, row.url, row.url_hash, row.caption,
-                        similarity_from_cosine(cosine), round(cosine, 6), None)
+        yield scored_pair(row, images.vectors[image_index[row.url_hash]],
+                          texts.vectors[text_index[caption_hash(row.caption)]])
 
 
 def join_score_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings,

@@ -160,10 +160,6 @@ class Encoder:
     text_length: int
     pixel_values: Callable[[Iterable[Image.Image]], Any]
 
-    @property
-    def max_text_length(self) -> int:
-        return self.text_length
-
     def preprocess(self, images: Iterable[Image.Image]) -> dict[str, torch.Tensor]:
         """The checkpoint's image processor's inputs (CLIP's bit for bit, faster); thread-safe,
         so decode workers call it."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import image_key
+from sim_pipeline.core.streams import batched
 
 GROUP = 256  # items per request: the service's default --max-items
 RETRIES = 6
@@ -50,15 +51,14 @@ class InferenceClient:
     def image_vectors(self, keys: Sequence[str]) -> list[np.ndarray | str]:
         """One unit vector, or the decode error code, per store key of a fetched image."""
         out: list[np.ndarray | str] = []
-        for start in range(0, len(keys), self.group):
-            part = [{"key": k} for k in keys[start:start + self.group]]
+        for group in batched(keys, self.group):
+            part = [{"key": k} for k in group]
             out += self._embed("/v1/embed/images", {"images": part, "encoding": "base64"})
         return out
 
     def text_vectors(self, texts: Sequence[str]) -> list[np.ndarray]:
         out: list[np.ndarray] = []
-        for start in range(0, len(texts), self.group):
-            part = list(texts[start:start + self.group])
+        for part in batched(texts, self.group):
             found = self._embed("/v1/embed/texts", {"texts": part, "encoding": "base64"})
             out += [v for v in found if not isinstance(v, str)]
         return out

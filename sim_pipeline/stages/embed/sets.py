@@ -60,7 +60,8 @@ def load_embedding_set(store: ObjectStore, key: str) -> EmbeddingSet:
     """The set, verified: ``IntegrityError`` if either part is damaged, ``KeyError`` if missing."""
     meta = read_json(store, f"{key}.json")
     data = store.read_bytes(f"{key}.npy")
-    if meta.get("npy_sha256", sha256_bytes(data)) != sha256_bytes(data):
+    digest = sha256_bytes(data)
+    if meta.get("npy_sha256", digest) != digest:
         raise IntegrityError(f"{store.uri(key + '.npy')} is damaged: {REPAIR_ADVICE}.")
     vectors = np.load(io.BytesIO(data), allow_pickle=False)
     if vectors.shape[0] != len(meta["keys"]):

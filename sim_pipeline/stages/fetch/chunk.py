@@ -19,11 +19,10 @@ from sim_pipeline.core.store import ObjectStore, write_json
 from sim_pipeline.stages.fetch import workers
 from sim_pipeline.stages.fetch.guard import Resolver
 from sim_pipeline.stages.fetch.loop import fetch_urls
-from sim_pipeline.stages.fetch.records import FetchRecord, FetchStats
+from sim_pipeline.stages.fetch.records import FetchStats
 from sim_pipeline.stages.plan import read_chunk_rows
 
 MIN_URLS_PER_PROCESS = 1000
-__all__ = ["FetchRecord", "FetchStats", "fetch_chunk"]
 
 
 def fetch_processes(settings: Settings, urls: int,

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import image_key, image_meta_key
 from sim_pipeline.core.store import ObjectStore
+from sim_pipeline.core.streams import batched
 from sim_pipeline.stages.fetch.download import Downloader, Outcome
 from sim_pipeline.stages.fetch.guard import Resolver
 from sim_pipeline.stages.fetch.records import FetchStats, needs_fetch, save_fetch
@@ -59,8 +60,8 @@ async def _uncached(urls: dict[str, str], store: ObjectStore, refetch_errors: bo
     def check(part: list[tuple[str, str]]) -> list[tuple[str, str]]:
         return [(h, u) for h, u in part if needs_fetch(store, h, refetch_errors)]
 
-    parts = await asyncio.gather(*(loop.run_in_executor(io, check, items[i:i + batch])
-                                   for i in range(0, len(items), batch)))
+    parts = await asyncio.gather(*(loop.run_in_executor(io, check, part)
+                                   for part in batched(items, batch)))
     return dict(pair for part in parts for pair in part)
 
 

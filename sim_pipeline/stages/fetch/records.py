@@ -15,6 +15,7 @@ from sim_pipeline.core import errors, repairs
 from sim_pipeline.core.layout import image_key, image_meta_key
 from sim_pipeline.core.store import (
     IntegrityError,
+    MissingObject,
     ObjectStore,
     read_json,
     sha256_bytes,
@@ -98,16 +99,26 @@ class FetchStats:
                    Counter({int(k): v for k, v in data.get("latency_buckets", {}).items()}))
 
 
-def needs_fetch(store: ObjectStore, url_hash: str, refetch_errors: bool = False) -> bool:
-    """No record, a damaged one (noted, then fetched again), or a failure worth retrying."""
-    if not store.exists(image_meta_key(url_hash)):
-        return True
+def cached_record(store: ObjectStore, url_hash: str, refetch_errors: bool = False
+                  ) -> dict[str, Any] | None:
+    """The stored record of the URL, read once; ``None`` when it must be fetched: no record, a
+    damaged one (noted, then fetched again), or a failure worth retrying."""
     try:
-        error = read_json(store, image_meta_key(url_hash)).get("error")
+        record: dict[str, Any] = read_json(store, image_meta_key(url_hash))
+    except MissingObject:
+        return None
     except IntegrityError as damaged:
         repairs.note("image record", store.uri(image_meta_key(url_hash)), damaged)
-        return True
-    return errors.is_transient(error) or (refetch_errors and error is not None)
+        return None
+    error = record.get("error")
+    if errors.is_transient(error) or (refetch_errors and error is not None):
+        return None
+    return record
+
+
+def needs_fetch(store: ObjectStore, url_hash: str, refetch_errors: bool = False) -> bool:
+    """No record, a damaged one (noted, then fetched again), or a failure worth retrying."""
+    return cached_record(store, url_hash, refetch_errors) is None
 
 
 def describe(url: str, outcome: Outcome, max_pixels: int) -> FetchRecord:
