@@ -25,14 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 
-from bench.common import (
-    BENCH_DIR,
-    fresh_folder,
-    serve_folder,
-    vit_b32_checkpoint,
-    write_images,
-    write_pairs,
-)
+from bench.common import served_pairs, vit_b32_checkpoint
 from tests.airflow_helpers import AirflowApi, free_port, load_stack
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,12 +129,7 @@ def main() -> None:
 
     stack = load_stack()
     model = str(vit_b32_checkpoint())
-    folder = BENCH_DIR / "images-640"
-    names = write_images(folder, args.images)
-    server, base_url = serve_folder(folder)
-    work = fresh_folder("airflow")
-    source = work / "pairs.csv"
-    write_pairs(source, base_url, names, args.pairs)
+    server, base_url, work, source = served_pairs("airflow", args.images, args.pairs)
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("AIRFLOW", "SIM_PIPELINE_", "AWS_"))}
     base.update(SIM_PIPELINE_MODEL=model, HF_HUB_OFFLINE="1",

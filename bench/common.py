@@ -92,3 +92,15 @@ def vit_b32_checkpoint() -> Path:
     if not (path / "config.json").exists():
         build_random_clip(path, shape=shape)
     return path
+
+
+def served_pairs(work_name: str, images: int, pairs: int) -> tuple[
+        ThreadingHTTPServer, str, Path, Path]:
+    """``pairs`` rows over ``images`` distinct 640x480 JPEGs served from 127.0.0.1, written to
+    ``pairs.csv`` in a fresh work folder: ``(server, base URL, work folder, CSV)``."""
+    folder = BENCH_DIR / "images-640"
+    names = write_images(folder, images)
+    server, base_url = serve_folder(folder)
+    work = fresh_folder(work_name)
+    write_pairs(work / "pairs.csv", base_url, names, pairs)
+    return server, base_url, work, work / "pairs.csv"

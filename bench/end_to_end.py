@@ -17,14 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import (
-    BENCH_DIR,
-    fresh_folder,
-    serve_folder,
-    vit_b32_checkpoint,
-    write_images,
-    write_pairs,
-)
+from bench.common import served_pairs, vit_b32_checkpoint
 
 RSS_PROBE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
@@ -50,12 +43,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = str(vit_b32_checkpoint())
-    folder = BENCH_DIR / "images-640"
-    names = write_images(folder, args.images)
-    server, base_url = serve_folder(folder)
-    work = fresh_folder("end-to-end")
-    source = work / "pairs.csv"
-    write_pairs(source, base_url, names, args.pairs)
+    server, base_url, work, source = served_pairs("end-to-end", args.images, args.pairs)
     env = {**os.environ, "SIM_PIPELINE_MODEL": model, "SIM_PIPELINE_STORE": str(work / "store"),
            "SIM_PIPELINE_DATABASE_URL": f"sqlite:///{work / 'results.db'}",
            "SIM_PIPELINE_ALLOW_HOSTS": base_url.removeprefix("http://")}

@@ -119,11 +119,10 @@ def start(home: Path, port: int, env: Mapping[str, str]) -> dict[str, subprocess
 
 def port_is_free(port: int) -> bool:
     """Whether the api-server could bind the port: else "Airflow is up" would be someone else."""
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
+    try:
+        socket.create_server(("127.0.0.1", port)).close()
+    except OSError:
+        return False
     return True
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -257,3 +258,16 @@ def processes_of(home: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_port_in_use_is_refused_in_one_sentence_before_anything_starts(
+        tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = subprocess.run([PYTHON, str(REPO / "bin" / "airflow_local.py"), "--port",
+                               str(port), "--home", str(tmp_path / "home")],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"Port {port} on 127.0.0.1 is in use; pick another with "
+                                   "--port (make airflow AIRFLOW_PORT=...).")
+    assert not (tmp_path / "home").exists()  # nothing was prepared or started
