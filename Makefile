@@ -50,11 +50,11 @@ lint: setup
 
 # A random-weight CLIP for offline trials: its scores are meaningless.
 random-model: $(RUN_STAMP) $(VOCAB_STAMP)
-	$(BIN)/python -m tests.support.random_model .sim-pipeline/random-clip
+	$(BIN)/python -m sim_pipeline.devtools.random_model .sim-pipeline/random-clip
 
 # Offline, about a minute: random-weight model, images on 127.0.0.1, examples/pairs.csv scored.
 demo: $(RUN_STAMP) $(VOCAB_STAMP)
-	$(BIN)/python examples/demo.py $(ARGS)
+	$(BIN)/python -m sim_pipeline.devtools.demo $(ARGS)
 
 clean:
 	rm -rf $(VENV) .sim-pipeline .pytest_cache

@@ -85,7 +85,7 @@ def vit_b32_checkpoint() -> Path:
 
     ``SIM_BENCH_MODEL_SHAPE=tiny`` swaps in a tiny model, for smoke-testing the scripts.
     """
-    from tests.support.random_model import build_random_clip
+    from sim_pipeline.devtools.random_model import build_random_clip
 
     shape = os.environ.get("SIM_BENCH_MODEL_SHAPE", "vit-b-32")
     path = BENCH_DIR / f"clip-{shape}-random"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.common import BENCH_DIR, fresh_folder, serve_folder, write_images
 from bench.end_to_end import timed_process
-from tests.support.random_model import build_random_clip
+from sim_pipeline.devtools.random_model import build_random_clip
 
 
 def write_rows(path: Path, base_url: str, names: list[str], rows: int) -> None:

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 from sim_pipeline.core.config import Settings
+from sim_pipeline.devtools.random_model import build_random_clip
 from tests.support import postgres
-from tests.support.random_model import build_random_clip
 
 
 def make_image(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (96, 64),

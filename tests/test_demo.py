@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ def test_the_demo_scores_its_csv_offline_and_says_the_scores_are_meaningless(
         tmp_path: Path) -> None:
     pairs, out, model = tmp_path / "pairs.csv", tmp_path / "out", tmp_path / "random-clip"
     done = subprocess.run(
-        [sys.executable, "examples/demo.py", "--csv", str(pairs), "--out", str(out),
+        [sys.executable, "-m", "sim_pipeline.devtools.demo", "--csv", str(pairs), "--out", str(out),
          "--model", str(model), "--port", "0"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -37,10 +36,8 @@ def test_the_demo_scores_its_csv_offline_and_says_the_scores_are_meaningless(
 
 def test_the_checked_in_sample_is_what_the_demo_writes(tmp_path: Path) -> None:
     """examples/pairs.csv is the demo's own output on its default port, not a hand-typed file."""
-    spec = importlib.util.spec_from_file_location("demo", REPO / "examples" / "demo.py")
-    assert spec and spec.loader
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    from sim_pipeline.devtools import demo
+
     pictures = demo.write_images(tmp_path / "images")
     demo.write_pairs(tmp_path / "pairs.csv", f"http://127.0.0.1:{demo.DEFAULT_PORT}", pictures)
     assert (tmp_path / "pairs.csv").read_bytes() == (REPO / "examples" / "pairs.csv").read_bytes()

@@ -20,14 +20,14 @@ from transformers import AutoModel, AutoProcessor
 from sim_pipeline import score_pairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import model_tag
-from sim_pipeline.stages.embed.model import cpu_supports_bf16, resolved_precision
-from tests.conftest import ImageServer
-from tests.pairs import Case, read_csv, serve_good_images, write_cases
-from tests.support.random_model import (
+from sim_pipeline.devtools.random_model import (
     build_clip_with_default_sub_projection,
     build_random_siglip,
     build_random_siglip2,
 )
+from sim_pipeline.stages.embed.model import cpu_supports_bf16, resolved_precision
+from tests.conftest import ImageServer
+from tests.pairs import Case, read_csv, serve_good_images, write_cases
 from tests.test_score_cli import score
 
 CAPTIONS = ["a red square", "two dogs playing in the snow", "plain",

@@ -208,7 +208,7 @@ def _label_random(dest: Path, family: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tests.support.random_model DEST [--shape tiny|vit-b-32]``."""
+    """``python -m sim_pipeline.devtools.random_model DEST [--shape tiny|vit-b-32]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Save a random-weight CLIP (meaningless scores).")

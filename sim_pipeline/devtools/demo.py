@@ -6,7 +6,8 @@ It builds a random-weight CLIP (no model hub needed), draws a few dozen images a
 went. The weights are random, so every similarity it prints is meaningless: the demo shows the
 pipeline working, not a model judging captions.
 
-    python examples/demo.py [--csv examples/pairs.csv] [--out .sim-pipeline/demo] [--port 8737]
+    python -m sim_pipeline.devtools.demo [--csv examples/pairs.csv] [--out .sim-pipeline/demo]
+        [--port 8737]
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the random-weight model builder lives in tests/support/
-
-from tests.support.random_model import build_random_clip  # noqa: E402
+from sim_pipeline.devtools.random_model import build_random_clip
 
 # A fixed default port keeps examples/pairs.csv the same on every run.
 DEFAULT_PORT = 8737
