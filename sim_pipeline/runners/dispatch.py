@@ -16,7 +16,7 @@ from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import FINALIZE, PER_CHUNK_STAGES, PLAN
 from sim_pipeline.runners.lifecycle import Run
-from sim_pipeline.stages.score import ScoredRow
+from sim_pipeline.stages.score import ScoredChunk
 
 
 def plan(settings: Settings, input_path: str | Path, source: str | None = None
@@ -48,9 +48,8 @@ def fail(settings: Settings, run_id: str) -> None:
 
 def _counts(result: Any) -> dict[str, Any]:
     """A stage's result as plain counts (XCom-sized)."""
-    if isinstance(result, list):  # join-score's rows
-        rows: list[ScoredRow] = result
-        return {"rows": len(rows), "ok": sum(1 for s in rows if s.error is None)}
+    if isinstance(result, ScoredChunk):  # join-score's rows
+        return {"rows": len(result), "ok": result.ok}
     if hasattr(result, "to_dict"):
         return result.to_dict()
     return dataclasses.asdict(result)

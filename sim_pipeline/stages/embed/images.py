@@ -30,12 +30,11 @@ from sim_pipeline.stages.embed.sets import (
     EmbedStats,
     assemble,
     save_embedding_set,
-    scorable,
     set_is_whole,
 )
 from sim_pipeline.stages.embed.vector_cache import VectorCache
 from sim_pipeline.stages.fetch.loop import refetch
-from sim_pipeline.stages.plan import read_chunk_rows
+from sim_pipeline.stages.plan import read_chunk_table, scorable_keys
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -115,8 +114,7 @@ def embed_images_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) 
     key = chunk.image_embeddings_key(model_tag(settings.model, settings.variant))
     if set_is_whole(store, key, "image embeddings"):
         return EmbedStats(chunk_done_before=True)
-    rows = scorable(read_chunk_rows(store, chunk))
-    urls = {r.url_hash: r.url for r in rows if r.url_hash}
+    urls, _ = scorable_keys(read_chunk_table(store, chunk))
     url_hashes = sorted(urls)
     refetched: set[str] = set()
     while True:  # each image is fetched again at most once, so this ends

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from sim_pipeline.core.config import Settings
-from sim_pipeline.core.layout import ChunkRef, caption_hash, model_tag
+from sim_pipeline.core.layout import ChunkRef, model_tag
 from sim_pipeline.core.store import ObjectStore
 from sim_pipeline.core.streams import batched
 from sim_pipeline.stages.embed.encoders import encoder_for, remote_encoder, vector_tag
@@ -18,11 +18,10 @@ from sim_pipeline.stages.embed.sets import (
     EmbedStats,
     assemble,
     save_embedding_set,
-    scorable,
     set_is_whole,
 )
 from sim_pipeline.stages.embed.vector_cache import VectorCache
-from sim_pipeline.stages.plan import read_chunk_rows
+from sim_pipeline.stages.plan import read_chunk_table, scorable_keys
 
 
 def embed_texts_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) -> EmbedStats:
@@ -30,8 +29,7 @@ def embed_texts_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) -
     key = chunk.text_embeddings_key(model_tag(settings.model, settings.variant))
     if set_is_whole(store, key, "text embeddings"):
         return EmbedStats(chunk_done_before=True)
-    rows = scorable(read_chunk_rows(store, chunk))
-    captions = {caption_hash(r.caption): r.caption for r in rows}
+    _, captions = scorable_keys(read_chunk_table(store, chunk))
     if settings.inference_url:
         with remote_encoder(settings) as client:
             vectors = remote_text_vectors(client, captions)

@@ -20,7 +20,7 @@ from sim_pipeline.stages.fetch import workers
 from sim_pipeline.stages.fetch.guard import Resolver
 from sim_pipeline.stages.fetch.loop import fetch_urls
 from sim_pipeline.stages.fetch.records import FetchStats
-from sim_pipeline.stages.plan import read_chunk_rows
+from sim_pipeline.stages.plan import read_chunk_table, scorable_keys
 
 MIN_URLS_PER_PROCESS = 1000
 
@@ -62,8 +62,7 @@ def fetch_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings,
     A chunk fetched before (its ``fetch.json`` exists) is not fetched again, so rerunning a run
     sends no requests; transient failures are retried by later runs, not by reruns.
     """
-    distinct = {r.url_hash: r.url for r in read_chunk_rows(store, chunk)
-                if r.error is None and r.url_hash}
+    distinct, _ = scorable_keys(read_chunk_table(store, chunk))
     if store.exists(chunk.fetch_key):
         return FetchStats(cached=len(distinct))
     started = time.monotonic()
