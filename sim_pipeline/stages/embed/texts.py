@@ -21,6 +21,7 @@ from sim_pipeline.stages.embed.sets import (
     set_is_whole,
 )
 from sim_pipeline.stages.embed.vector_cache import VectorCache
+from sim_pipeline.stages.known import previous_vectors, write_vectors
 from sim_pipeline.stages.plan import read_chunk_table, scorable_keys
 
 
@@ -35,16 +36,21 @@ def embed_texts_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) -
             vectors = remote_text_vectors(client, captions)
         todo = list(captions)
     else:
-        vectors, todo = _local_text_vectors(captions, store, settings)
+        earlier = previous_vectors(store, chunk, "texts", vector_tag(settings))
+        vectors, todo = _local_text_vectors(captions, store, settings, earlier)
+        write_vectors(store, chunk, "texts", vector_tag(settings), vectors, earlier,
+                      settings.model)
     save_embedding_set(store, key, assemble(sorted(captions), vectors, {}), settings.model)
     return EmbedStats(len(todo), len(captions) - len(todo), 0)
 
 
-def _local_text_vectors(captions: dict[str, str], store: ObjectStore, settings: Settings
-                        ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Vectors from the embedding cache, the rest from the model; and which were computed."""
+def _local_text_vectors(captions: dict[str, str], store: ObjectStore, settings: Settings,
+                        earlier: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Vectors from the previous chunk's index or the embedding cache, the rest from the
+    model; and which were computed."""
     cache = VectorCache(store, vector_tag(settings), "texts")
-    vectors = cache.get_many(captions) if captions else {}
+    vectors = {h: earlier[h] for h in captions if h in earlier}
+    vectors |= cache.get_many(h for h in captions if h not in vectors)
     # Similar lengths share a batch, so padding to the longest wastes little.
     todo = sorted((h for h in captions if h not in vectors), key=lambda h: (len(captions[h]), h))
     for batch in batched(todo, settings.batch_size):
