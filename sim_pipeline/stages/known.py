@@ -17,7 +17,7 @@ that holds its URL, so it is never indexed.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -56,14 +56,14 @@ def vectors_key(chunk: ChunkRef, kind: str, tag: str) -> str:
     return f"{chunk.prefix}/known-{kind}.{tag}"
 
 
-def lasting(record: dict[str, object], refetch_errors: bool = False) -> Fetched | None:
+def lasting(record: dict[str, Any], refetch_errors: bool = False) -> Fetched | None:
     """A fetch record as an index entry; None when a later fetch may change it."""
     error = record.get("error")
     if error is not None and (refetch_errors or errors.is_transient(str(error))):
         return None
     if error is not None:
         return Fetched(None, str(error), 0)
-    pixels = int(record.get("width") or 1) * int(record.get("height") or 1)  # type: ignore[call-overload]
+    pixels = int(record.get("width") or 1) * int(record.get("height") or 1)
     return Fetched(str(record["sha256"]), None, pixels)
 
 
@@ -104,7 +104,7 @@ def records_of(store: ObjectStore, url_hashes: list[str]) -> dict[str, Fetched]:
     return found
 
 
-def _carried(own: dict, earlier: dict) -> dict:
+def _carried(own: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
     """This chunk's entries, then the earlier index's others, ``INDEX_KEYS`` at most."""
     merged = dict(own)
     for key, value in earlier.items():
