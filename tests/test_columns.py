@@ -115,7 +115,8 @@ def test_rows_copied_from_columns_are_the_rows_upserted_one_by_one(pg_url: str) 
     scored = ScoredChunk(table, score_columns(table, images, texts))
     weird = ChunkColumns()
     for values in tricky_rows(50):
-        weird.add(1000 + len(weird.rows), "http://img.test/" + values[0], values[1], values)
+        weird.add_row(normalise_row(1000 + len(weird.rows), "http://img.test/" + values[0],
+                                    values[1], values))
     weird_table = weird.table()
     weird_results = pa.table({"similarity": pa.nulls(50, pa.float64()),
                               "cosine": pa.nulls(50, pa.float64()),

@@ -288,8 +288,18 @@ class RowLines:
         return self
 
     def __next__(self) -> str:
+        piece = self.handle.readline(_PIECE)
+        self.row_chars += len(piece)
+        if len(piece) < _PIECE and piece and self.row_chars <= self.limit:
+            return piece  # the usual line: whole, and its row still short
+        return self._long_line(piece)
+
+    def _long_line(self, piece: str) -> str:
+        """The rest of a line longer than ``_PIECE`` or of a row past the limit, a piece at a
+        time; past the limit each piece is cut to its skeleton."""
+        self.row_chars -= len(piece)
         pieces: list[str] = []
-        while piece := self.handle.readline(_PIECE):
+        while piece:
             self.row_chars += len(piece)
             whole = len(piece) < _PIECE or piece.endswith("\n")
             if self.row_chars > self.limit:
@@ -298,6 +308,7 @@ class RowLines:
             pieces.append(piece)
             if whole:
                 break
+            piece = self.handle.readline(_PIECE)
         if not pieces:
             raise StopIteration
         return "".join(pieces)
@@ -353,51 +364,20 @@ def read_rows(path: Path, settings: Settings) -> tuple[list[str], int, int, Iter
 
 
 class ChunkColumns:
-    """One chunk's columns (``CHUNK_SCHEMA``), filled row by row with no object per row."""
+    """One chunk's columns (``CHUNK_SCHEMA``) from rows already normalised (``normalise_row``)."""
 
-    def __init__(self, url_memo: Memo | None = None, caption_memo: Memo | None = None) -> None:
-        self.rows: list[int] = []
-        self.urls: list[str] = []
-        self.url_hashes: list[str | None] = []
-        self.captions: list[str] = []
-        self.caption_hashes: list[str] = []
-        self.errors: list[str | None] = []
-        self.fields: list[list[str]] = []
-        self.url_memo = Memo(url_facts) if url_memo is None else url_memo
-        self.caption_memo = Memo(caption_facts) if caption_memo is None else caption_memo
-
-    def add(self, row: int, raw_url: str, raw_caption: str, fields: list[str],
-            code: str | None = None) -> None:
-        """The row with its URL and caption checked (once per distinct value); ``code``, when
-        given, wins over what the values would give."""
-        url, bad_url, problem, url_hash = self.url_memo[raw_url]
-        caption, bad_caption, caption_hash = self.caption_memo[raw_caption]
-        self.rows.append(row)
-        self.urls.append(url)
-        self.url_hashes.append(url_hash)
-        self.captions.append(caption)
-        self.caption_hashes.append(caption_hash)
-        self.errors.append(code or row_error(bad_url, bad_caption, problem, caption))
-        self.fields.append(kept_fields(fields))
+    def __init__(self) -> None:
+        self.rows: list[InputRow] = []
+        self.hashes = Memo(sha256_hex)
 
     def add_row(self, row: InputRow) -> None:
-        self.rows.append(row.row)
-        self.urls.append(row.url)
-        self.url_hashes.append(row.url_hash)
-        self.captions.append(row.caption)
-        self.caption_hashes.append(self.caption_memo[row.caption][2])
-        self.errors.append(row.error)
-        self.fields.append(row.fields)
+        self.rows.append(row)
 
     def table(self) -> pa.Table:
-        lengths = pa.array([len(f) for f in self.fields], pa.int32())
-        offsets = pc.cumulative_sum(pa.concat_arrays([pa.array([0], pa.int32()), lengths]))
-        values = pa.array(list(itertools.chain.from_iterable(self.fields)), pa.string())
-        return pa.Table.from_arrays(
-            [pa.array(self.rows, pa.int64()), pa.array(self.urls, pa.string()),
-             pa.array(self.url_hashes, pa.string()), pa.array(self.captions, pa.string()),
-             pa.array(self.caption_hashes, pa.string()), pa.array(self.errors, pa.string()),
-             pa.ListArray.from_arrays(offsets, values)], schema=CHUNK_SCHEMA)
+        rows = self.rows
+        return _table([r.row for r in rows], [r.url for r in rows], [r.url_hash for r in rows],
+                      [r.caption for r in rows], [self.hashes[r.caption] for r in rows],
+                      [r.error for r in rows], [r.fields for r in rows])
 
 
 def csv_chunks(header: list[str], url_index: int, caption_index: int, rows: Iterable[CsvRow],
@@ -408,18 +388,52 @@ def csv_chunks(header: list[str], url_index: int, caption_index: int, rows: Iter
     number = 0
     url_memo, caption_memo = Memo(url_facts), Memo(caption_facts)  # shared by the chunks
     for batch in batched(rows, chunk_size):
-        columns = ChunkColumns(url_memo, caption_memo)
+        values: list[list[str]] = []
+        codes: list[str | None] = []
         for fields, too_long in batch:
-            code = None
+            count = len(fields)
             if too_long:
-                fields, code = empty, errors.FIELD_TOO_LONG
-            elif len(fields) < width:
-                fields = fields + empty[len(fields):]
-            elif len(fields) > width:
-                fields, code = fields[:width], errors.MALFORMED_ROW
-            columns.add(number, fields[url_index], fields[caption_index], fields, code)
-            number += 1
-        yield columns.table()
+                values.append(empty)
+                codes.append(errors.FIELD_TOO_LONG)
+            elif count == width:
+                values.append(fields)
+                codes.append(None)
+            elif count < width:
+                values.append(fields + empty[count:])
+                codes.append(None)
+            else:
+                values.append(fields[:width])
+                codes.append(errors.MALFORMED_ROW)
+        yield _columns(number, values, codes, url_index, caption_index, url_memo, caption_memo)
+        number += len(values)
+
+
+def _columns(first: int, values: list[list[str]], codes: list[str | None], url_index: int,
+             caption_index: int, url_memo: Memo, caption_memo: Memo) -> pa.Table:
+    """One chunk's table from its rows' values, each distinct URL and caption checked once."""
+    urls, bad_urls, problems, url_hashes = zip(
+        *map(url_memo.__getitem__, [v[url_index] for v in values]), strict=True)
+    captions, bad_captions, caption_hashes = zip(
+        *map(caption_memo.__getitem__, [v[caption_index] for v in values]), strict=True)
+    row_errors = [code or row_error(bad_url, bad_caption, problem, caption)
+                  for code, bad_url, bad_caption, problem, caption
+                  in zip(codes, bad_urls, bad_captions, problems, captions, strict=True)]
+    kept = [v if "".join(v).isascii() else kept_fields(v) for v in values]
+    return _table(list(range(first, first + len(values))), urls, url_hashes, captions,
+                  caption_hashes, row_errors, kept)
+
+
+def _table(rows: Sequence[int], urls: Sequence[str], url_hashes: Sequence[str | None],
+           captions: Sequence[str], caption_hashes: Sequence[str],
+           row_errors: Sequence[str | None], fields: Sequence[list[str]]) -> pa.Table:
+    lengths = pa.array([len(f) for f in fields], pa.int32())
+    offsets = pc.cumulative_sum(pa.concat_arrays([pa.array([0], pa.int32()), lengths]))
+    values = pa.array(list(itertools.chain.from_iterable(fields)), pa.string())
+    return pa.Table.from_arrays(
+        [pa.array(rows, pa.int64()), pa.array(urls, pa.string()),
+         pa.array(url_hashes, pa.string()), pa.array(captions, pa.string()),
+         pa.array(caption_hashes, pa.string()), pa.array(row_errors, pa.string()),
+         pa.ListArray.from_arrays(offsets, values)], schema=CHUNK_SCHEMA)
 
 
 def chunk_table(rows: Iterable[InputRow]) -> pa.Table:
