@@ -20,6 +20,7 @@ fate matched against the results table and the signal's moment, which locust's s
 keep. Printed, not asserted; a check that fails prints FAILED.
 
     .venv/bin/python -m bench.serve_load [--users 1,8,32,128] [--seconds 20]
+                                         [--parts concurrency,overload,sigterm]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from tests.airflow_helpers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = (320, 240)
 CACHED_PAIRS = 64
+PARTS = ("concurrency", "overload", "sigterm")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
 Pair = tuple[str, str]
 
@@ -333,6 +335,7 @@ def main() -> None:
     parser.add_argument("--overload-users", type=int, default=64)
     parser.add_argument("--max-queue", type=int, default=8, help="the overload run's")
     parser.add_argument("--sigterm-after", type=float, default=8.0)
+    parser.add_argument("--parts", default=",".join(PARTS), help="which parts to run")
     args = parser.parse_args()
 
     model = vit_b32_checkpoint()
@@ -342,13 +345,15 @@ def main() -> None:
           f"--max-batch-size {args.max_batch_size}, {args.seconds:g} s per level")
     print(machine())
     levels = [int(u) for u in args.users.split(",")]
-    parts = (concurrency(model, host, pairs, levels, args.seconds, args.max_batch_size),
-             overload(model, host, pairs, args.overload_users, args.max_queue, args.seconds,
-                      args.max_batch_size),
-             sigterm(model, host, pairs, args.overload_users // 2, args.sigterm_after,
-                     args.max_batch_size))
-    for part in parts:
-        for line in part:
+    parts = {
+        "concurrency": lambda: concurrency(model, host, pairs, levels, args.seconds,
+                                           args.max_batch_size),
+        "overload": lambda: overload(model, host, pairs, args.overload_users, args.max_queue,
+                                     args.seconds, args.max_batch_size),
+        "sigterm": lambda: sigterm(model, host, pairs, args.overload_users // 2,
+                                   args.sigterm_after, args.max_batch_size)}
+    for name in args.parts.split(","):
+        for line in parts[name]():
             print(line, flush=True)
     server.shutdown()
 
