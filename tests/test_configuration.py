@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,19 @@ def test_a_pruned_store_warns_once_per_kind_of_object_with_its_count(
     warned = [r.getMessage() for r in caplog.records if "ecomput" in r.getMessage()]
     assert warned == ["Recomputed 6 damaged or missing image objects."]
     assert "repaired  6 damaged or missing objects recomputed (image 6)" in capsys.readouterr().out
+
+
+def test_concurrent_steps_count_only_their_own_repairs_pool_threads_included() -> None:
+    start = threading.Barrier(2)
+
+    def step(kind: str) -> Counter[str]:
+        with repairs.counted() as found, ThreadPoolExecutor(4) as pool:
+            start.wait()
+            list(pool.map(repairs.carried(lambda i: repairs.note(kind, f"#{i}", "missing")),
+                          range(50)))
+            repairs.note(kind, "in the step", "damaged")
+        return found
+
+    with ThreadPoolExecutor(2) as steps:
+        first, second = steps.map(step, ["image", "cached vector"])
+    assert (first, second) == (Counter({"image": 51}), Counter({"cached vector": 51}))

@@ -6,7 +6,8 @@ of the step that is running (``counted``): a context variable, so concurrent run
 requests never mix their counts, and threads started for the step count into it too when they
 run ``carried`` work. Fetch workers count their own and send the counts back with
 their statistics. The runner sums the steps' tallies into the run summary and warns once per
-kind of object. Never a crash, never a damaged object used.
+kind of object; a repair outside any counted step (the service's) is a warning of its own. Never a
+crash, never a damaged object used.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ def counted() -> Iterator[Counter[str]]:
 def note(kind: str, where: str, why: BaseException | str) -> None:
     """Record that ``where`` (an object of ``kind``) was damaged or missing and is recomputed."""
     reason = why if isinstance(why, str) else (str(why).split(":")[0] or type(why).__name__)
-    log.debug("Recomputing %s %s (%s).", kind, where, reason)
+    counted_here = _tally.get() is not None  # else no step sums it up: warn about this one
+    log.log(logging.DEBUG if counted_here else logging.WARNING, "Recomputing %s %s (%s).",
+            kind, where, reason)
     add(Counter({kind: 1}))
 
 
