@@ -225,7 +225,7 @@ def cmd_dagbag(_: Any) -> dict[str, Any]:
     return {
         "seconds": seconds, "import_errors": {k: str(v) for k, v in bag.import_errors.items()},
         "dags": sorted(bag.dags), "heavy_modules": sorted(
-            m for m in sys.modules if m in ("torch", "transformers", "sqlalchemy", "httpx")
+            m for m in sys.modules if m in ("torch", "transformers")
             or m.startswith("sim_pipeline.") and m not in PARSE_TIME_MODULES),
         "tasks": {} if dag is None else {t.task_id: {
             "upstream": sorted(t.upstream_task_ids), "pool": t.pool,
