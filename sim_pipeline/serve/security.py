@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sim_pipeline.serve.limits import refuse
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's JavaScript and CSS, open like /docs itself
 
 
 def key_matches(offered: str, keys: tuple[str, ...]) -> bool:
@@ -25,6 +26,10 @@ def key_matches(offered: str, keys: tuple[str, ...]) -> bool:
     for key in keys:
         found |= hmac.compare_digest(offered.encode(), key.encode())
     return found
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(f"{DOCS_ASSETS}/")
 
 
 def offered_key(headers: Mapping[str, str]) -> str:
@@ -41,7 +46,7 @@ class ApiKeyMiddleware:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
