@@ -46,8 +46,7 @@ import httpx
 import numpy as np
 import sqlalchemy as sa
 
-from bench.common import fresh_folder, jpeg_bytes, vit_b32_checkpoint
-from tests.airflow_helpers import free_port
+from bench.common import free_port, fresh_folder, jpeg_bytes, vit_b32_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = (320, 240)
