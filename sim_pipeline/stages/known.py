@@ -59,7 +59,7 @@ def vectors_key(chunk: ChunkRef, kind: str, tag: str) -> str:
 def lasting(record: dict[str, Any], refetch_errors: bool = False) -> Fetched | None:
     """A fetch record as an index entry; None when a later fetch may change it."""
     error = record.get("error")
-    if error is not None and (refetch_errors or errors.is_transient(str(error))):
+    if error is not None and (refetch_errors or errors.retry_next_run(str(error))):
         return None
     if error is not None:
         return Fetched(None, str(error), 0)
