@@ -2,11 +2,13 @@
 
 Downloads run on the event loop; store calls block (boto3, disk), so they run on a thread pool,
 the cache check in batches and the saves through a ``Saver`` that bounds how many are pending.
+Each download holds the URL's lease (``leases``), so runs sharing a store download a URL once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +18,10 @@ from sim_pipeline.core.store import ObjectStore
 from sim_pipeline.core.streams import batched
 from sim_pipeline.stages.fetch.download import Downloader, Outcome
 from sim_pipeline.stages.fetch.guard import Resolver
+from sim_pipeline.stages.fetch.leases import lease_seconds, release_lease, take_lease
 from sim_pipeline.stages.fetch.records import FetchStats, needs_fetch, save_fetch
+
+LEASE_POLL_SECONDS = (0.1, 2.0)  # first and longest wait before asking again for a held lease
 
 
 async def fetch_urls(urls: dict[str, str], store: ObjectStore, settings: Settings,
@@ -33,13 +38,46 @@ async def fetch_urls(urls: dict[str, str], store: ObjectStore, settings: Setting
         stats.cached = len(urls) - len(todo)
         saver = Saver(store, settings.max_pixels, stats, io)
         async with Downloader(settings, resolver) as downloader:
-
-            async def one(url_hash: str, url: str) -> None:
-                await saver.save(url_hash, url, await downloader.fetch(url))
-
-            await asyncio.gather(*(one(h, u) for h, u in todo.items()))
+            leased = Leased(store, settings, io, downloader, saver)
+            await asyncio.gather(*(leased.fetch(h, u) for h, u in todo.items()))
         await saver.drain()
     return stats
+
+
+class Leased:
+    """Downloads under the URL's lease. A URL whose lease another run holds is left for later
+    (this run's other URLs go first) and, once released, read from the store like a cached one;
+    only ``fetch_concurrency`` leases are held at once, so each is held about one download."""
+
+    def __init__(self, store: ObjectStore, settings: Settings, io: ThreadPoolExecutor,
+                 downloader: Downloader, saver: Saver) -> None:
+        self.store, self.settings, self.io = store, settings, io
+        self.downloader, self.saver = downloader, saver
+        self.seconds = lease_seconds(settings)
+        self._room = asyncio.Semaphore(settings.fetch_concurrency)
+
+    async def fetch(self, url_hash: str, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        wait = LEASE_POLL_SECONDS[0]
+        while True:
+            async with self._room:
+                if await loop.run_in_executor(self.io, take_lease, self.store, url_hash,
+                                              self.seconds):
+                    if await loop.run_in_executor(self.io, self._still_needed, url_hash):
+                        await self.saver.save(url_hash, url, await self.downloader.fetch(url))
+                    return
+            await asyncio.sleep(wait * random.uniform(0.5, 1.0))
+            wait = min(wait * 2, LEASE_POLL_SECONDS[1])
+
+    def _still_needed(self, url_hash: str) -> bool:
+        """Under the lease: whether the URL still needs a download, or another run stored it
+        since this run looked (then it counts as cached, and the lease is given back)."""
+        if needs_fetch(self.store, url_hash, self.settings.refetch_errors):
+            return True
+        release_lease(self.store, url_hash)
+        with self.saver.lock:
+            self.saver.stats.cached += 1
+        return False
 
 
 def refetch(urls: dict[str, str], store: ObjectStore, settings: Settings) -> FetchStats:
@@ -75,7 +113,7 @@ class Saver:
         self.limit = limit
         self._loop = asyncio.get_running_loop()
         self._room = asyncio.Semaphore(limit)
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._failures: list[Exception] = []
 
     async def save(self, url_hash: str, url: str, outcome: Outcome) -> None:
@@ -90,13 +128,22 @@ class Saver:
             raise self._failures[0]
 
     def _save(self, url_hash: str, url: str, outcome: Outcome) -> None:
-        """On a store thread."""
+        """On a store thread; the URL's lease is given back once its record is stored (or the
+        store failed)."""
         try:
             record = save_fetch(self.store, url_hash, url, outcome, self.max_pixels)
-            with self._lock:
+            with self.lock:
                 self.stats.count(record, outcome)
         except Exception as error:  # handed to drain(), which raises it in the caller
-            with self._lock:
+            with self.lock:
                 self._failures.append(error)
         finally:
+            self._release(url_hash)
             self._loop.call_soon_threadsafe(self._room.release)
+
+    def _release(self, url_hash: str) -> None:
+        try:
+            release_lease(self.store, url_hash)
+        except Exception as error:  # a store error: the lease expires; drain() raises it
+            with self.lock:
+                self._failures.append(error)
