@@ -46,6 +46,7 @@ from sim_pipeline.core.store import (
 )
 from sim_pipeline.results.db import RUN_LEVEL, ResultsDB
 from sim_pipeline.results.report import report_path, write_report
+from sim_pipeline.runners.store_verify import remove_debris
 from sim_pipeline.stages.embed.images import embed_images_chunk
 from sim_pipeline.stages.embed.texts import embed_texts_chunk
 from sim_pipeline.stages.fetch.chunk import fetch_chunk
@@ -184,6 +185,7 @@ class Run:
         if self.results is not None:
             self.results.finish_run(plan.run_id, "succeeded")
             write_report(plan.run_id, self.settings, report)
+        remove_debris(self.store)  # what earlier, killed attempts left: a clean exit leaves none
         return Finished(plan.run_id, path, report, plan.rows)
 
     def fail(self, run_id: str) -> None:

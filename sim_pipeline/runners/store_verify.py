@@ -11,6 +11,7 @@ temporary files left by writers that were killed.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -160,14 +161,7 @@ def verify_store(store: ObjectStore, repair: bool = False) -> Verdict:
     verdict = Verdict()
     for key in store.list_keys():
         kind = _kind(key)
-        if kind is None:
-            continue
-        if kind == LEASES:
-            if lease_is_stale(store, key):
-                verdict.stray.append(store.uri(key))
-                if repair:
-                    store.delete(key)
-                    verdict.removed += 1
+        if kind is None or kind == LEASES:
             continue
         verdict.checked[kind] += 1
         found = list(_check(store, key, kind))
@@ -177,16 +171,37 @@ def verify_store(store: ObjectStore, repair: bool = False) -> Verdict:
             verdict.damaged.append((damaged, why))
             if repair:
                 verdict.removed += _remove(store, damaged)
-    for location in store.stale_temporaries():
-        verdict.stray.append(location)
+    for where, remove in _debris(store):
+        verdict.stray.append(where)
         if repair:
-            store.remove_temporary(location)
+            remove()
             verdict.removed += 1
     return verdict
 
 
+def _debris(store: ObjectStore) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Each stray object, where it is and how to remove it: leases whose holder is gone, then
+    temporary files whose writer was killed."""
+    for key in store.list_keys(LEASES_PREFIX):
+        if lease_is_stale(store, key):
+            yield store.uri(key), functools.partial(store.delete, key)
+    for location in store.stale_temporaries():
+        yield location, functools.partial(store.remove_temporary, location)
+
+
+def remove_debris(store: ObjectStore) -> int:
+    """Remove what killed writers left behind; a successful run ends with this, so a clean exit
+    leaves no debris. Returns how many objects went."""
+    removed = 0
+    for _, remove in _debris(store):
+        remove()
+        removed += 1
+    return removed
+
+
 def _remove(store: ObjectStore, key: str) -> int:
-    """Remove ``key`` and what it describes or is described by."""
+    """Remove ``key`` and what it describes or is described by (a chunk's rows are described
+    by their plan)."""
     if key.startswith("images/"):
         base = key.removesuffix(".json")
         keys = [base, f"{base}.json"]
@@ -196,6 +211,8 @@ def _remove(store: ObjectStore, key: str) -> int:
     elif "/results." in key:
         base = key.removesuffix(".json").removesuffix(".jsonl")
         keys = [f"{base}.json", f"{base}.jsonl"]
+    elif key.endswith("/rows.jsonl"):  # with its plan: the next run plans the input again
+        keys = [key, f"{key.rpartition('/chunks/')[0]}/manifest.json"]
     else:
         keys = [key]
     for each in keys:
