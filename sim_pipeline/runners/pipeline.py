@@ -22,7 +22,7 @@ from sim_pipeline.runners.lifecycle import Run
 from sim_pipeline.stages.embed.model import release_encoders
 from sim_pipeline.stages.fetch.records import FetchStats
 from sim_pipeline.stages.finalize import default_output_path
-from sim_pipeline.stages.plan import RunPlan, check_input_file
+from sim_pipeline.stages.plan import RunPlan, check_input
 from sim_pipeline.stages.score import ScoredRow
 
 
@@ -103,7 +103,7 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
     """
     started = time.monotonic()
     source = Path(source)
-    check_input_file(source)
+    check_input(source, settings)
     repairs.taken()  # this run's repairs only
     run = Run.open(settings)
     plan = run.plan(source)
