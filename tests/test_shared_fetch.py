@@ -17,6 +17,7 @@ from sim_pipeline.core.config import Settings
 from sim_pipeline.core.files import HOST_TAG
 from sim_pipeline.core.layout import LEASES_PREFIX, image_lease_key, image_meta_key, sha256_hex
 from sim_pipeline.core.store import LocalStore, ObjectStore, open_store, read_json
+from sim_pipeline.stages.fetch import leases, loop
 from sim_pipeline.stages.fetch.download import Outcome
 from sim_pipeline.stages.fetch.loop import fetch_urls
 from sim_pipeline.stages.fetch.records import FetchStats, save_fetch
@@ -149,3 +150,29 @@ def test_a_lease_held_by_a_live_run_elsewhere_is_waited_for(
     stats = asyncio.run(both())
     assert (stats.attempted, stats.cached) == (0, 1)
     assert requests_for(image_server, prefix) == 0, "the holder's record was used"
+
+
+def test_a_slow_download_keeps_its_lease_alive(
+        tmp_path: Path, image_server: ImageServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder renews its leases while it downloads: a download slower than a lease's life
+    is not taken over by a waiting run."""
+    monkeypatch.setattr(leases, "LEASE_SECONDS", 0.6)
+    monkeypatch.setattr(loop, "LEASE_SECONDS", 0.6)
+    prefix = "slow-holder"
+    url = image_server.add(f"/{prefix}/0.jpg", Route(body=make_image(seed=8), delay=1.5))
+    url_hash = sha256_hex(url)
+    store = LocalStore(tmp_path / "store")
+    settings = Settings(store=str(store.root), allow_hosts=image_server.allow_hosts)
+    seen: list[float] = []
+
+    async def watch() -> FetchStats:
+        fetching = asyncio.create_task(fetch_urls({url_hash: url}, store, settings))
+        await asyncio.sleep(1.2)  # past the first expiry, before the download ends
+        seen.append(json.loads(store.read_bytes(image_lease_key(url_hash)))["expires"])
+        return await fetching
+
+    started = time.time()
+    stats = asyncio.run(watch())
+    assert seen[0] > started + 0.6, "renewed"
+    assert (stats.attempted, stats.ok) == (1, 1)
+    assert not store.exists(image_lease_key(url_hash))

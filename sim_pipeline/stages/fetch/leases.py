@@ -6,25 +6,24 @@ lease leaves the URL for later and goes on with its others; when it comes back, 
 written the URL's record and released the lease, and the record is used as it would be from the
 cache. Two runs started together thus make about one request per URL, as one run would.
 
-A lease names its holder (host, process) and when it expires: a lease whose holder ended on this
-host, or that is past its expiry (a holder on another machine that died), is taken over.
+A lease names its holder (host, process) and when it expires; the holder renews the leases it
+holds while it downloads. A lease whose holder ended on this host, or that is past its expiry (a
+holder on another machine that died), is taken over.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 
-from sim_pipeline.core.config import Settings
 from sim_pipeline.core.files import HOST_TAG, process_alive
 from sim_pipeline.core.layout import image_lease_key
 from sim_pipeline.core.store import IntegrityError, MissingObject, ObjectStore
-from sim_pipeline.stages.fetch.download import MAX_RETRY_AFTER
 
-SAVE_SLACK_SECONDS = 60.0  # storing the bytes and the record after the last byte arrived
+LEASE_SECONDS = 60.0  # a lease's life; its holder renews it every third of that
 
 
 @dataclass(frozen=True)
@@ -36,14 +35,6 @@ class Lease:
     def is_stale(self, now: float) -> bool:
         """Nobody will finish it: past its expiry, or its holder on this host has ended."""
         return self.expires < now or (self.host == HOST_TAG and not process_alive(self.pid))
-
-
-def lease_seconds(settings: Settings) -> float:
-    """How long one URL may keep its lease: every attempt to its deadline with the longest
-    Retry-After honoured between them, times the turns it may wait for a per-host slot."""
-    per_url = (settings.fetch_retries + 1) * (settings.fetch_timeout + MAX_RETRY_AFTER)
-    turns = max(1, math.ceil(settings.fetch_concurrency / max(1, settings.fetch_per_host)))
-    return per_url * turns + SAVE_SLACK_SECONDS
 
 
 def read_lease(store: ObjectStore, key: str) -> Lease | None:
@@ -62,20 +53,50 @@ def lease_is_stale(store: ObjectStore, key: str) -> bool:
     return lease is not None and lease.is_stale(time.time())
 
 
-def take_lease(store: ObjectStore, url_hash: str, seconds: float) -> bool:
+def take_lease(store: ObjectStore, url_hash: str) -> bool:
     """Hold the URL's lease; False while another live run holds it. A stale lease is replaced
     (two runs replacing the same stale lease at once may both download: harmless, the first
     stored copy wins)."""
     key = image_lease_key(url_hash)
-    body = json.dumps(asdict(Lease(HOST_TAG, os.getpid(), time.time() + seconds))).encode()
-    if store.create_bytes(key, body):
+    if store.create_bytes(key, _fresh_lease()):
         return True
     lease = read_lease(store, key)
     if lease is not None and not lease.is_stale(time.time()):
         return False
     store.delete(key)
-    return store.create_bytes(key, body)
+    return store.create_bytes(key, _fresh_lease())
 
 
-def release_lease(store: ObjectStore, url_hash: str) -> None:
-    store.delete(image_lease_key(url_hash))
+def _fresh_lease() -> bytes:
+    return json.dumps(asdict(Lease(HOST_TAG, os.getpid(), time.time() + LEASE_SECONDS))).encode()
+
+
+class HeldLeases:
+    """The leases one fetch holds; thread-safe (store threads take, release and renew them).
+
+    ``renew`` pushes back the expiry of every lease still held, so a lease outlives a slow
+    download but not a dead holder by more than ``LEASE_SECONDS``. Releasing and renewing share
+    a lock, so a renewal never brings back a lease just released.
+    """
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+
+    def take(self, url_hash: str) -> bool:
+        if not take_lease(self.store, url_hash):
+            return False
+        with self._lock:
+            self._held.add(url_hash)
+        return True
+
+    def release(self, url_hash: str) -> None:
+        with self._lock:
+            self._held.discard(url_hash)
+            self.store.delete(image_lease_key(url_hash))
+
+    def renew(self) -> None:
+        with self._lock:
+            for url_hash in self._held:
+                self.store.write_bytes(image_lease_key(url_hash), _fresh_lease())

@@ -18,7 +18,7 @@ from sim_pipeline.core.store import ObjectStore
 from sim_pipeline.core.streams import batched
 from sim_pipeline.stages.fetch.download import Downloader, Outcome
 from sim_pipeline.stages.fetch.guard import Resolver
-from sim_pipeline.stages.fetch.leases import lease_seconds, release_lease, take_lease
+from sim_pipeline.stages.fetch.leases import LEASE_SECONDS, HeldLeases
 from sim_pipeline.stages.fetch.records import FetchStats, needs_fetch, save_fetch
 
 LEASE_POLL_SECONDS = (0.1, 2.0)  # first and longest wait before asking again for a held lease
@@ -36,12 +36,25 @@ async def fetch_urls(urls: dict[str, str], store: ObjectStore, settings: Setting
     with ThreadPoolExecutor(threads, "store") as io:
         todo = await _uncached(urls, store, settings.refetch_errors, io)
         stats.cached = len(urls) - len(todo)
-        saver = Saver(store, settings.max_pixels, stats, io)
-        async with Downloader(settings, resolver) as downloader:
-            leased = Leased(store, settings, io, downloader, saver)
-            await asyncio.gather(*(leased.fetch(h, u) for h, u in todo.items()))
-        await saver.drain()
+        leases = HeldLeases(store)
+        saver = Saver(store, settings.max_pixels, stats, io, leases)
+        renewing = asyncio.create_task(_renew(leases, io))
+        try:
+            async with Downloader(settings, resolver) as downloader:
+                leased = Leased(store, settings, io, downloader, saver)
+                await asyncio.gather(*(leased.fetch(h, u) for h, u in todo.items()))
+            await saver.drain()
+        finally:
+            renewing.cancel()
     return stats
+
+
+async def _renew(leases: HeldLeases, io: ThreadPoolExecutor) -> None:
+    """Keep the held leases alive while downloads take their time."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(LEASE_SECONDS / 3)
+        await loop.run_in_executor(io, leases.renew)
 
 
 class Leased:
@@ -53,7 +66,6 @@ class Leased:
                  downloader: Downloader, saver: Saver) -> None:
         self.store, self.settings, self.io = store, settings, io
         self.downloader, self.saver = downloader, saver
-        self.seconds = lease_seconds(settings)
         self._room = asyncio.Semaphore(settings.fetch_concurrency)
 
     async def fetch(self, url_hash: str, url: str) -> None:
@@ -61,8 +73,7 @@ class Leased:
         wait = LEASE_POLL_SECONDS[0]
         while True:
             async with self._room:
-                if await loop.run_in_executor(self.io, take_lease, self.store, url_hash,
-                                              self.seconds):
+                if await loop.run_in_executor(self.io, self.saver.leases.take, url_hash):
                     if await loop.run_in_executor(self.io, self._still_needed, url_hash):
                         await self.saver.save(url_hash, url, await self.downloader.fetch(url))
                     return
@@ -74,7 +85,7 @@ class Leased:
         since this run looked (then it counts as cached, and the lease is given back)."""
         if needs_fetch(self.store, url_hash, self.settings.refetch_errors):
             return True
-        release_lease(self.store, url_hash)
+        self.saver.leases.release(url_hash)
         with self.saver.lock:
             self.saver.stats.cached += 1
         return False
@@ -108,8 +119,9 @@ class Saver:
     once, so a slow store slows the downloads down instead of filling memory with images."""
 
     def __init__(self, store: ObjectStore, max_pixels: int, stats: FetchStats,
-                 io: ThreadPoolExecutor, limit: int = 256) -> None:
+                 io: ThreadPoolExecutor, leases: HeldLeases, limit: int = 256) -> None:
         self.store, self.max_pixels, self.stats, self.io = store, max_pixels, stats, io
+        self.leases = leases
         self.limit = limit
         self._loop = asyncio.get_running_loop()
         self._room = asyncio.Semaphore(limit)
@@ -143,7 +155,7 @@ class Saver:
 
     def _release(self, url_hash: str) -> None:
         try:
-            release_lease(self.store, url_hash)
+            self.leases.release(url_hash)
         except Exception as error:  # a store error: the lease expires; drain() raises it
             with self.lock:
                 self._failures.append(error)
