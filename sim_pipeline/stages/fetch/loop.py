@@ -22,6 +22,7 @@ from sim_pipeline.stages.fetch.leases import LEASE_SECONDS, HeldLeases
 from sim_pipeline.stages.fetch.records import FetchStats, needs_fetch, save_fetch
 
 LEASE_POLL_SECONDS = (0.1, 2.0)  # first and longest wait before asking again for a held lease
+DOWNLOAD, STORED, HELD = "download", "stored", "held"  # what claiming a URL's lease gives
 
 
 async def fetch_urls(urls: dict[str, str], store: ObjectStore, settings: Settings,
@@ -29,19 +30,21 @@ async def fetch_urls(urls: dict[str, str], store: ObjectStore, settings: Setting
     """Fetch ``{url_hash: url}`` concurrently, skipping cached ones, caching each result.
 
     Store calls block (boto3, disk), so they run on threads: the cache check in batches, the
-    saves handed to a ``Saver`` without a round trip to the event loop per image.
+    saves handed to a ``Saver`` without a round trip to the event loop per image. Leases have
+    threads of their own, so claiming the next URL never waits behind the saves.
     """
     stats = FetchStats()
     threads = min(getattr(store, "parallel_writes", 8), settings.fetch_concurrency)
-    with ThreadPoolExecutor(threads, "store") as io:
+    with (ThreadPoolExecutor(threads, "store") as io,
+          ThreadPoolExecutor(threads, "lease") as lease_io):
         todo = await _uncached(urls, store, settings.refetch_errors, io)
         stats.cached = len(urls) - len(todo)
         leases = HeldLeases(store)
         saver = Saver(store, settings.max_pixels, stats, io, leases)
-        renewing = asyncio.create_task(_renew(leases, io))
+        renewing = asyncio.create_task(_renew(leases, lease_io))
         try:
             async with Downloader(settings, resolver) as downloader:
-                leased = Leased(store, settings, io, downloader, saver)
+                leased = Leased(store, settings, lease_io, downloader, saver)
                 await asyncio.gather(*(leased.fetch(h, u) for h, u in todo.items()))
             await saver.drain()
         finally:
@@ -73,22 +76,26 @@ class Leased:
         wait = LEASE_POLL_SECONDS[0]
         while True:
             async with self._room:
-                if await loop.run_in_executor(self.io, self.saver.leases.take, url_hash):
-                    if await loop.run_in_executor(self.io, self._still_needed, url_hash):
+                claim = await loop.run_in_executor(self.io, self._claim, url_hash)
+                if claim is not HELD:
+                    if claim is DOWNLOAD:
                         await self.saver.save(url_hash, url, await self.downloader.fetch(url))
                     return
             await asyncio.sleep(wait * random.uniform(0.5, 1.0))
             wait = min(wait * 2, LEASE_POLL_SECONDS[1])
 
-    def _still_needed(self, url_hash: str) -> bool:
-        """Under the lease: whether the URL still needs a download, or another run stored it
-        since this run looked (then it counts as cached, and the lease is given back)."""
+    def _claim(self, url_hash: str) -> str:
+        """On a lease thread: ``DOWNLOAD`` under the URL's lease; ``STORED`` when another run
+        stored it since this run looked (it counts as cached; the lease is given back);
+        ``HELD`` while another run holds the lease."""
+        if not self.saver.leases.take(url_hash):
+            return HELD
         if needs_fetch(self.store, url_hash, self.settings.refetch_errors):
-            return True
+            return DOWNLOAD
         self.saver.leases.release(url_hash)
         with self.saver.lock:
             self.saver.stats.cached += 1
-        return False
+        return STORED
 
 
 def refetch(urls: dict[str, str], store: ObjectStore, settings: Settings) -> FetchStats:
