@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from PIL import Image
 
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES
-from sim_pipeline.runners.lifecycle import CHUNK_STAGES
+from sim_pipeline.stages.registry import CHUNK_STAGES, Stage
 from tests.conftest import ImageServer, Route, make_image
 from tests.pairs import Case, read_csv, serve_good_images, write_cases
 from tests.seaweed import SeaweedFS
@@ -58,19 +59,19 @@ def test_a_database_that_goes_away_mid_run_ends_in_one_sentence_and_the_run_is_m
     run = settings.replace(database_url=through_proxy)
     urls = serve_good_images(image_server, 4, prefix="db-away")
     first = write_cases(tmp_path / "first.csv", [Case(u, "a caption", None) for u in urls])
-    real = CHUNK_STAGES[EMBED_TEXTS]
+    real = CHUNK_STAGES[EMBED_TEXTS].run
 
     def database_goes_away(chunk, store, settings, results):  # noqa: ANN001, ANN202
         proxy.stop()
         return real(chunk, store, settings, results)
 
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, database_goes_away)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, database_goes_away))
     assert score(first, run, "--run-id", "db-away", "--db-retry-seconds", "2") == 2
     line = one_error_line(capsys.readouterr().err)
     assert "stopped answering" in line and "rerun the same command" in line
     assert "postgresql" in line and not (tmp_path / "first_scored.csv").exists()
 
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, real)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, real))
     proxy.start()
     assert run_status(pg_url, "db-away") == "running"  # nobody could tell the database yet
     second = write_cases(tmp_path / "second.csv", [Case(urls[0], "another", None)])
@@ -101,14 +102,14 @@ def test_a_database_outage_during_fetch_costs_no_timing_and_asks_for_no_rerun(
 
     def database_goes_away(chunk, store, settings, results):  # noqa: ANN001, ANN202
         proxy.stop()
-        return fetch(chunk, store, settings, results)
+        return fetch.run(chunk, store, settings, results)
 
     def database_comes_back(chunk, store, settings, results):  # noqa: ANN001, ANN202
         proxy.start()
-        return embed(chunk, store, settings, results)
+        return embed.run(chunk, store, settings, results)
 
-    monkeypatch.setitem(CHUNK_STAGES, FETCH_IMAGES, database_goes_away)
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_IMAGES, database_comes_back)
+    monkeypatch.setitem(CHUNK_STAGES, FETCH_IMAGES, replace(fetch, run=database_goes_away))
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_IMAGES, replace(embed, run=database_comes_back))
     with caplog.at_level(logging.WARNING):
         assert score(source, run, "--run-id", "db-blip", "--db-retry-seconds", "1") == 0
     said = capsys.readouterr().err + caplog.text
@@ -134,18 +135,18 @@ def test_an_object_store_that_goes_away_mid_run_ends_in_one_sentence(
     urls = serve_good_images(image_server, 3, prefix="s3-away")
     source = write_cases(tmp_path / "pairs.csv", [Case(u, "a caption", None) for u in urls])
     run = settings.replace(store=f"s3://{s3_env.bucket}/away-{tmp_path.name}")
-    real = CHUNK_STAGES[EMBED_TEXTS]
+    real = CHUNK_STAGES[EMBED_TEXTS].run
 
     def store_goes_away(chunk, store, settings, results):  # noqa: ANN001, ANN202
         proxy.stop()
         return real(chunk, store, settings, results)
 
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, store_goes_away)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, store_goes_away))
     assert score(source, run) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "Cannot reach the S3 endpoint" in line
     assert not (tmp_path / "pairs_scored.csv").exists()
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, real)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, real))
     proxy.start()
     assert score(source, run) == 0  # the same command resumes once the store is back
     proxy.stop()

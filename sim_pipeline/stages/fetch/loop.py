@@ -12,6 +12,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import image_key, image_meta_key
 from sim_pipeline.core.store import ObjectStore
@@ -19,7 +20,12 @@ from sim_pipeline.core.streams import batched
 from sim_pipeline.stages.fetch.download import Downloader, Outcome
 from sim_pipeline.stages.fetch.guard import Resolver
 from sim_pipeline.stages.fetch.leases import LEASE_SECONDS, HeldLeases
-from sim_pipeline.stages.fetch.records import FetchStats, needs_fetch, save_fetch
+from sim_pipeline.stages.fetch.records import (
+    FetchStats,
+    fetched_meanwhile,
+    needs_fetch,
+    save_fetch,
+)
 
 LEASE_POLL_SECONDS = (0.1, 2.0)  # first and longest wait before asking again for a held lease
 DOWNLOAD, STORED, HELD = "download", "stored", "held"  # what claiming a URL's lease gives
@@ -90,7 +96,7 @@ class Leased:
         ``HELD`` while another run holds the lease."""
         if not self.saver.leases.take(url_hash):
             return HELD
-        if needs_fetch(self.store, url_hash, self.settings.refetch_errors):
+        if not fetched_meanwhile(self.store, url_hash, self.settings.refetch_errors):
             return DOWNLOAD
         self.saver.leases.release(url_hash)
         with self.saver.lock:
@@ -116,7 +122,7 @@ async def _uncached(urls: dict[str, str], store: ObjectStore, refetch_errors: bo
     def check(part: list[tuple[str, str]]) -> list[tuple[str, str]]:
         return [(h, u) for h, u in part if needs_fetch(store, h, refetch_errors)]
 
-    parts = await asyncio.gather(*(loop.run_in_executor(io, check, part)
+    parts = await asyncio.gather(*(loop.run_in_executor(io, repairs.carried(check), part)
                                    for part in batched(items, batch)))
     return dict(pair for part in parts for pair in part)
 
