@@ -53,6 +53,14 @@ class Settings:
     db_retry_seconds: float = DEFAULT_RETRY_SECONDS
     inference_url: str = ""  # an inference service (`sim-pipeline serve`) to embed with
     inference_api_key: str = field(default="", repr=False)
+    # Drift between runs (`results drift`, the report, the score_drift DAG): docs/results.md.
+    canary_csv: str = ""  # canary pairs scored with every run; a moved score: model changed
+    drift_reference: str = ""  # the run compared with when the input has no earlier run
+    drift_cutoff: float = 0.6  # the share of scores above this is compared
+    drift_psi_watch: float = 0.1
+    drift_psi_alert: float = 0.25
+    drift_wasserstein_alert: float = 0.1  # Wasserstein distance over the reference's std
+    drift_error_points_alert: float = 5.0  # an error code's share up by this many points
     # Given by code (an Airflow connection), never by a flag or env var: boto3 reads its own.
     s3: S3Options | None = field(default=None, repr=False, metadata={"internal": True})
 
@@ -72,6 +80,10 @@ class Settings:
             if getattr(self, name) < 0:
                 raise UserError(f"{ENV_PREFIX}{name.upper()} must be zero or a positive integer.")
         _check_allow_hosts(self.allow_hosts)
+        for name in ("drift_psi_watch", "drift_psi_alert", "drift_wasserstein_alert",
+                     "drift_error_points_alert"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{ENV_PREFIX}{name.upper()} must be zero or a positive number.")
 
     @property
     def variant(self) -> str:

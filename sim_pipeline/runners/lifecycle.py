@@ -182,6 +182,9 @@ class Run:
                 path = write_scored_csv(plan, self.store, self.settings, output)
         report = report_path(path)
         if self.results is not None:
+            from sim_pipeline.runners.canaries import score_canaries  # imports the API: late
+
+            score_canaries(plan.run_id, self.settings, self.results)
             self.results.finish_run(plan.run_id, "succeeded")
             write_report(plan.run_id, self.settings, report)
         return Finished(plan.run_id, path, report, plan.rows)
