@@ -383,20 +383,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _figure(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _drift_lines(found: Drift) -> list[str]:
     """The verdict line, then the figures, then each error code's share in both runs."""
+    from sim_pipeline.results.drift import shown, shown_pvalue
+
     limits = found.thresholds
     figures = [
-        ["psi", _figure(found.psi), f"watch {limits.psi_watch:g}, alert {limits.psi_alert:g}"],
-        ["ks statistic", _figure(found.ks_statistic), ""],
-        ["ks p-value", _figure(found.ks_pvalue, 6), ""],
-        ["wasserstein / std", _figure(found.wasserstein), f"alert {limits.wasserstein_alert:g}"],
-        [f"share > {found.cutoff:g}", f"{_figure(found.against_share_above, 3)} -> "
-                                      f"{_figure(found.share_above, 3)}", ""],
+        ["psi", shown(found.psi), f"watch {limits.psi_watch:g}, alert {limits.psi_alert:g}"],
+        ["ks statistic", shown(found.ks_statistic), ""],
+        ["ks p-value", shown_pvalue(found.ks_pvalue), ""],
+        ["wasserstein / std", shown(found.wasserstein), f"alert {limits.wasserstein_alert:g}"],
+        [f"share > {found.cutoff:g}", f"{shown(found.against_share_above, 3)} -> "
+                                      f"{shown(found.share_above, 3)}", ""],
         ["scored rows", f"{found.against_scored_rows:,} -> {found.scored_rows:,}", ""],
     ]
     figures += [[f"error {code}", f"{before:.1%} -> {now:.1%}",

@@ -196,6 +196,15 @@ class Drift:
         return found
 
 
+def shown(value: float | None, digits: int = 4) -> str:
+    """A figure as printed and reported: fixed decimals, '-' when undefined."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def shown_pvalue(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
 def error_shares(db: ResultsDB, run: RunInfo, scored: int) -> dict[str, float]:
     """Each error code's share of all the run's rows (scored ones included)."""
     codes = error_counts(db, run.run_id)

@@ -398,24 +398,22 @@ def _overlaid(histogram: dict[str, list[float]], run_id: str, against_id: str) -
     return "".join(parts) + f'<p class="note">{legend}; bars are shares of scored rows.</p>'
 
 
-def _figure(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _drift_section(drift: Drift | str) -> str:
     """The verdict line first, then both histograms overlaid, the figures, the canaries."""
+    from sim_pipeline.results.drift import shown, shown_pvalue
+
     if isinstance(drift, str):
         return f'<p class="note">No drift figures: {_e(drift)}</p>'
     limits = drift.thresholds
     figures = [
-        ("PSI (10 bins at the reference's deciles)", _figure(drift.psi),
+        ("PSI (10 bins at the reference's deciles)", shown(drift.psi),
          f"watch {limits.psi_watch:g}, alert {limits.psi_alert:g}"),
-        ("Kolmogorov-Smirnov D", _figure(drift.ks_statistic), ""),
-        ("Kolmogorov-Smirnov p-value", _figure(drift.ks_pvalue, 6), ""),
-        ("Wasserstein / reference std", _figure(drift.wasserstein),
+        ("Kolmogorov-Smirnov D", shown(drift.ks_statistic), ""),
+        ("Kolmogorov-Smirnov p-value", shown_pvalue(drift.ks_pvalue), ""),
+        ("Wasserstein / reference std", shown(drift.wasserstein),
          f"alert {limits.wasserstein_alert:g}"),
-        (f"share above {drift.cutoff:g}", f"{_figure(drift.against_share_above, 3)} -> "
-                                          f"{_figure(drift.share_above, 3)}", ""),
+        (f"share above {drift.cutoff:g}", f"{shown(drift.against_share_above, 3)} -> "
+                                          f"{shown(drift.share_above, 3)}", ""),
         ("scored rows", f"{drift.against_scored_rows:,} -> {drift.scored_rows:,}", ""),
     ] + [(f"error {code}", f"{before:.1%} -> {now:.1%}",
           f"alert at +{limits.error_points_alert:g} points")
