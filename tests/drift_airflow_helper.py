@@ -27,8 +27,10 @@ def task_results(dag_id: str, run_id: str) -> dict[str, Any]:
         states = {f"{ti.task_id}[{ti.map_index}]": str(ti.state) for ti in tis}
         xcom = session.query(XComModel).filter(XComModel.run_id == run_id,
                                                XComModel.dag_id == dag_id,
-                                               XComModel.task_id == "compare").first()
-        return {"tasks": states, "compare": None if xcom is None else xcom.value}
+                                               XComModel.task_id == "compare",
+                                               XComModel.key == "return_value").first()
+        return {"tasks": states,
+                "compare": None if xcom is None else XComModel.deserialize_value(xcom)}
 
 
 def asset_events() -> list[dict[str, Any]]:

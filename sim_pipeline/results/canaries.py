@@ -14,19 +14,10 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from sim_pipeline.results.db import ResultsDB
+from sim_pipeline.results.db import ResultsDB, canary_scores
 
 TOLERANCE = 1e-4  # similarities are rounded to 4 decimals: a move beyond that is real
 
-canary_scores = sa.Table(
-    "canary_scores", sa.MetaData(),
-    sa.Column("run_id", sa.Text, primary_key=True),
-    sa.Column("row_number", sa.BigInteger, primary_key=True),
-    sa.Column("image_url", sa.Text), sa.Column("caption", sa.Text),
-    sa.Column("similarity", sa.Float), sa.Column("error", sa.Text),
-    sa.Column("model", sa.Text), sa.Column("model_precision", sa.Text),
-    sa.Column("model_backend", sa.Text),
-)
 c = canary_scores.c
 
 

@@ -37,7 +37,7 @@ from scipy import stats
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.results.canaries import CanaryVerdict, canary_verdict
-from sim_pipeline.results.db import ResultsDB, _upsert, scoring_runs
+from sim_pipeline.results.db import ResultsDB, _upsert, score_drift, scoring_runs
 from sim_pipeline.results.query import RunInfo, error_counts, get_run, similarity_counts
 
 UNIT = 10_000                # similarities have 4 decimals: counts are kept per 0.0001
@@ -46,20 +46,6 @@ EXACT_KS_ROWS = 10_000       # ks_2samp is exact up to this many rows a run (sci
 QUANTILES = {"p1": 0.01, "p5": 0.05, "p50": 0.5, "p95": 0.95, "p99": 0.99}
 STABLE, WATCH, ALERT = "stable", "watch", "alert"
 EXIT_ALERT = 3
-
-score_drift = sa.Table(
-    "score_drift", sa.MetaData(),
-    sa.Column("run_id", sa.Text, primary_key=True),
-    sa.Column("against_run_id", sa.Text, primary_key=True),
-    sa.Column("verdict", sa.Text), sa.Column("reasons", sa.Text),
-    sa.Column("psi", sa.Float), sa.Column("ks_statistic", sa.Float),
-    sa.Column("ks_pvalue", sa.Float), sa.Column("wasserstein", sa.Float),
-    sa.Column("cutoff", sa.Float), sa.Column("share_above", sa.Float),
-    sa.Column("against_share_above", sa.Float), sa.Column("scored_rows", sa.BigInteger),
-    sa.Column("against_scored_rows", sa.BigInteger), sa.Column("error_shares", sa.Text),
-    sa.Column("canaries", sa.Text), sa.Column("computed_at", sa.DateTime(timezone=True)),
-)
-
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -223,7 +209,7 @@ def _reasons(found: dict[str, Any], limits: Thresholds, canaries: CanaryVerdict 
         alerts.append(f"Wasserstein {found['wasserstein']:.3f} std >= "
                       f"{limits.wasserstein_alert:g}")
     for code, (now, before) in shares.items():
-        points = 100 * (now - before)
+        points = round(100 * (now - before), 9)  # 1/20 of rows is 5 points, not 4.999...
         if points >= limits.error_points_alert:
             alerts.append(f"{code} {100 * before:.1f}% -> {100 * now:.1f}% of rows "
                           f"(+{points:.1f} points)")
