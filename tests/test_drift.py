@@ -87,18 +87,18 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         score_csv(path, settings.replace(run_id=run_id, **changes), progress=False)
         return run_id
 
-    base = score("base", write_csv(folder / "day1" / "pairs.csv", pairs))
+    base = score("base", write_csv(folder / "day1" / f"pairs-{tag}.csv", pairs))
     scored = similarities(url, base)
     top = [pairs[i] for i in np.argsort(-scored, kind="stable")[:ROWS // 4]]
     pinned = settings.replace(drift_reference=base)
     settings = pinned
-    top_run = score("top", write_csv(folder / "top.csv", top))
+    top_run = score("top", write_csv(folder / f"top-{tag}.csv", top))
     other = build_random_clip(folder / "other-clip", shape="tiny", seed=1)
-    checkpoint = score("checkpoint", write_csv(folder / "checkpoint.csv", pairs),
+    checkpoint = score("checkpoint", write_csv(folder / f"checkpoint-{tag}.csv", pairs),
                        model=str(other))
     gone = [(image_server.add(f"/drift-{tag}-gone/{i}.jpg", Route(404, b"gone", "text/plain")),
              caption) if i % 2 else (u, caption) for i, (u, caption) in enumerate(pairs)]
-    half = score("half", write_csv(folder / "day2" / "pairs.csv", gone))
+    half = score("half", write_csv(folder / "day2" / f"pairs-{tag}.csv", gone))
     yield Runs(settings, base, top_run, half, checkpoint, folder)
 
 
@@ -175,7 +175,7 @@ def test_half_the_urls_failing_alerts_on_the_error_share_against_the_previous_da
 
 def test_another_checkpoint_flags_the_canaries_naming_both_models(
         runs: Runs, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SIM_PIPELINE_DRIFT_REFERENCE", runs.base)  # checkpoint.csv: no earlier
+    monkeypatch.setenv("SIM_PIPELINE_DRIFT_REFERENCE", runs.base)  # its input: no earlier run
     status, found = drift_json(capsys, runs, runs.other_checkpoint)
     assert status == 3 and found["against_run_id"] == runs.base
     canaries = found["canaries"]
@@ -188,14 +188,14 @@ def test_another_checkpoint_flags_the_canaries_naming_both_models(
 
 
 def test_the_report_shows_the_verdict_both_histograms_figures_and_canaries(runs: Runs) -> None:
-    page = (runs.folder / "checkpoint_scored_report.html").read_text(encoding="utf-8")
+    page = next(runs.folder.glob("checkpoint-*_scored_report.html")).read_text(encoding="utf-8")
     drift_html = page[page.index("<h2>Drift</h2>"):]
     drift_html = drift_html[:drift_html.index("</section>")]
     assert f"ALERT: run {runs.other_checkpoint} against {runs.base}" in drift_html
     assert 'fill="#4c78a8"' in drift_html and 'fill="#f58518"' in drift_html
     assert "PSI (10 bins" in drift_html and "Wasserstein / reference std" in drift_html
     assert "model or preprocessing changed" in drift_html
-    first = (runs.folder / "day1" / "pairs_scored_report.html").read_text(encoding="utf-8")
+    first = next((runs.folder / "day1").glob("*_report.html")).read_text(encoding="utf-8")
     assert "No drift figures: Run " in first  # the first run has nothing to compare with
 
 

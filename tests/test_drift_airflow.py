@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,11 @@ def outcome(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, pg_url: 
     })
     run_airflow(["db", "migrate"], env)
     urls = serve_good_images(image_server, ROWS, prefix="drift-dag")
-    day1 = write_pairs(home / "day1" / "pairs.csv", urls)
+    name = f"pairs-{uuid.uuid4().hex[:6]}.csv"  # the database is shared: no earlier run of it
+    day1 = write_pairs(home / "day1" / name, urls)
     failing = [image_server.add(f"/drift-dag-gone/{i}.jpg", Route(404, b"gone", "text/plain"))
                if i % 2 else u for i, u in enumerate(urls)]
-    day2 = write_pairs(home / "day2" / "pairs.csv", failing)
+    day2 = write_pairs(home / "day2" / name, failing)
     runs = [
         {"dag_id": SCORING, "logical_date": "2025-01-01T00:00:00+00:00",
          "conf": {"csv_path": str(day1)}},
