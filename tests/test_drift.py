@@ -228,3 +228,15 @@ def test_large_runs_use_smirnovs_asymptotic_p_value_as_scipy_does(tmp_path: Path
     db = ResultsDB(f"sqlite:///{tmp_path / 'r.db'}")
     with pytest.raises(UserError, match="not in the results database"):
         measure_drift(db, "nope", "nope")
+
+
+def test_thresholds_come_from_settings(
+        runs: Runs, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIM_PIPELINE_DRIFT_PSI_ALERT", "1000")
+    monkeypatch.setenv("SIM_PIPELINE_DRIFT_WASSERSTEIN_ALERT", "1000")
+    status, found = drift_json(capsys, runs, runs.top, "--against", runs.base)
+    assert status == 0 and found["verdict"] == "watch"  # PSI still over the 0.1 watch line
+    assert found["thresholds"]["psi_alert"] == 1000.0
+    monkeypatch.setenv("SIM_PIPELINE_DRIFT_ERROR_POINTS_ALERT", "51")
+    status, found = drift_json(capsys, runs, runs.half_failing, "--against", runs.base)
+    assert not any("http_404" in reason for reason in found["reasons"])
