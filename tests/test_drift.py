@@ -84,7 +84,7 @@ def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
     def score(name: str, path: Path, **changes: object) -> str:
         run_id = f"{name}-{tag}"
-        score_csv(path, settings.replace(run_id=run_id, **changes), progress=False)
+        score_csv(path, settings.replace(**changes), progress=False, run_id=run_id)
         return run_id
 
     base = score("base", write_csv(folder / "day1" / f"pairs-{tag}.csv", pairs))
