@@ -181,6 +181,9 @@ class Run:
         report = report_path(path)
         if self.results is not None:
             self.record_unrecorded(final=True)
+            from sim_pipeline.runners.canaries import score_canaries  # imports the API: late
+
+            score_canaries(plan.run_id, self.settings, self.results)
             self.results.finish_run(plan.run_id, "succeeded")
             write_report(plan.run_id, self.settings, report)
         remove_debris(self.store)  # what earlier, killed attempts left: a clean exit leaves none
