@@ -134,9 +134,9 @@ class Run:
                 client.text_vectors(["a model check"])
             family = "served"
         else:
-            from sim_pipeline.stages.embed.families import check_backend
+            from sim_pipeline.stages.embed.families import checked_family
 
-            family = check_backend(self.settings.model, self.settings.backend).family.name
+            family = checked_family(self.settings.model, self.settings.backend, self.store)
         write_json(self.store, key, {"model": self.settings.model, "family": family,
                                      "backend": where})
 
