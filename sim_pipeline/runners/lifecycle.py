@@ -46,6 +46,7 @@ from sim_pipeline.core.store import (
 )
 from sim_pipeline.results.db import RUN_LEVEL, ResultsDB
 from sim_pipeline.results.report import report_path, write_report
+from sim_pipeline.stages.embed.error_bound import ErrorBound, measure_error_bound
 from sim_pipeline.stages.embed.images import embed_images_chunk
 from sim_pipeline.stages.embed.texts import embed_texts_chunk
 from sim_pipeline.stages.fetch.chunk import fetch_chunk
@@ -84,6 +85,7 @@ class Finished:
     output: Path
     report: Path
     rows: int
+    error_bound: ErrorBound | None = None  # quantised backends: measured against fp32
 
 
 @dataclass
@@ -181,10 +183,14 @@ class Run:
                     self.run_stage(JOIN_SCORE, chunk)
                 path = write_scored_csv(plan, self.store, self.settings, output)
         report = report_path(path)
+        bound = measure_error_bound(plan.chunks, self.store, self.settings)
         if self.results is not None:
+            if bound is not None:
+                self.results.record_error_bound(plan.run_id, bound.pairs, bound.largest,
+                                                bound.p99)
             self.results.finish_run(plan.run_id, "succeeded")
             write_report(plan.run_id, self.settings, report)
-        return Finished(plan.run_id, path, report, plan.rows)
+        return Finished(plan.run_id, path, report, plan.rows, bound)
 
     def fail(self, run_id: str) -> None:
         """Mark the run failed. When the failure is the database's own, remember it in the store

@@ -19,6 +19,7 @@ from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES, JOIN_SCORE
 from sim_pipeline.results.report import report_path
 from sim_pipeline.runners.lifecycle import Run
+from sim_pipeline.stages.embed.error_bound import ErrorBound
 from sim_pipeline.stages.embed.model import release_encoders
 from sim_pipeline.stages.fetch.records import FetchStats
 from sim_pipeline.stages.finalize import default_output_path
@@ -37,6 +38,7 @@ class RunSummary:
     fetch: FetchStats = field(default_factory=FetchStats)
     seconds: float = 0.0
     repaired: Counter[str] = field(default_factory=Counter)  # damaged objects recomputed
+    error_bound: ErrorBound | None = None  # quantised backends: scores vs fp32's
 
     def add(self, scored: list[ScoredRow]) -> None:
         self.rows += len(scored)
@@ -52,6 +54,7 @@ class RunSummary:
             f"errors    {errors}",
             self.images_line(),
             *self.repairs_line(),
+            *([f"int8      {self.error_bound.render()}"] if self.error_bound else []),
             f"time      {self.seconds:.1f} s ({rate:.1f} rows/s)",
             f"output    {self.output}",
             f"report    {report_path(self.output)}",
@@ -118,7 +121,7 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
             release_encoders()
         for scored in over_chunks(run, JOIN_SCORE, plan, progress):
             summary.add(scored)
-        run.finalize(plan, summary.output)
+        summary.error_bound = run.finalize(plan, summary.output).error_bound
     except BaseException:
         run.fail(plan.run_id)
         raise

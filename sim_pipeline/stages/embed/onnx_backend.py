@@ -69,8 +69,8 @@ class OnnxEncoder:
         return _normalise(out.astype(np.float32))
 
 
-def export_tower(model_name: str, tower: str, quantize: bool) -> bytes:
-    """The tower as ONNX bytes: exported in fp32, then dynamically quantised to int8 if asked."""
+def export_tower(model_name: str, tower: str) -> bytes:
+    """The tower as fp32 ONNX bytes."""
     import torch
 
     from sim_pipeline.stages.embed.model import load_encoder
@@ -98,7 +98,7 @@ def export_tower(model_name: str, tower: str, quantize: bool) -> bytes:
         torch.onnx.export(Tower().eval(), example, buffer, input_names=list(INPUTS[tower]),
                           output_names=["embeds"], dynamic_axes={**axes, "embeds": {0: "batch"}},
                           opset_version=17, dynamo=False)
-    return _quantize(buffer.getvalue()) if quantize else buffer.getvalue()
+    return buffer.getvalue()
 
 
 def _quantize(model: bytes) -> bytes:
@@ -109,6 +109,12 @@ def _quantize(model: bytes) -> bytes:
         source.write_bytes(model)
         quantize_dynamic(source, target, weight_type=QuantType.QInt8)
         return target.read_bytes()
+
+
+def export_key(model_name: str, backend: str, tower: str) -> str:
+    """Where a tower's export is cached: the fp32 one is kept beside the int8 one, so the int8
+    run's error bound (``error_bound.py``) needs no second export."""
+    return f"onnx/{model_tag(model_name, backend)}-{EXPORT_VERSION}/{tower}.onnx"
 
 
 @functools.lru_cache(maxsize=4)
@@ -122,9 +128,14 @@ def load_onnx_encoder(model_name: str, backend: str, tower: str, store_location:
                         "'sim-pipeline[onnx]'.") from None
     resolved = check_backend(model_name, backend)
     store = open_store(store_location, s3)
-    key = f"onnx/{model_tag(model_name, backend)}-{EXPORT_VERSION}/{tower}.onnx"
+    key = export_key(model_name, backend, tower)
     if not store.exists(key):
-        store.write_bytes(key, export_tower(model_name, tower, backend == "onnx-int8"))
+        exported = export_tower(model_name, tower)
+        if not store.exists(export_key(model_name, "onnx", tower)):
+            store.write_bytes(export_key(model_name, "onnx", tower), exported)
+        if backend == "onnx-int8":
+            exported = _quantize(exported)
+        store.write_bytes(key, exported)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     session = onnxruntime.InferenceSession(store.read_bytes(key), options,
