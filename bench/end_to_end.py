@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.common import BENCH_DIR, served_pairs, vit_b32_checkpoint
+from sim_pipeline.stages.embed.doctor import cpu_line
 
 RSS_PROBE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
@@ -35,24 +36,6 @@ CLI_PROBE = ("import resource, sys; from sim_pipeline.cli import main; rc = main
              "file=sys.stderr); "
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
              "sys.exit(rc)")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_line() -> str:
-    """The CPU model and the flags that decide precision and int8 speed."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    present = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + " ".join(CPU_FLAGS)
-    return f"CPU: {model}, {os.cpu_count()} CPUs, flags: {present}"
-
-
 def timed_process(command: list[str], env: dict[str, str], probe: str = RSS_PROBE
                   ) -> tuple[float, float, str]:
     """Wall seconds, peak RSS (MB) and the probe's other stderr lines, ``command`` run as its
