@@ -47,7 +47,8 @@ def timed_process(command: list[str], env: dict[str, str], probe: str = RSS_PROB
     if done.returncode != 0:
         raise SystemExit(f"{command[0]} failed:\n{done.stdout}\n{done.stderr}")
     lines = done.stderr.strip().splitlines()
-    notes = "\n".join(line for line in lines[:-1] if line.startswith("imported:"))
+    notes = "\n".join([*(line for line in lines[:-1] if line.startswith("imported:")),
+                       *(line for line in done.stdout.splitlines() if line.startswith("int8 "))])
     return seconds, int(lines[-1]) / 1024, notes
 
 
@@ -144,8 +145,11 @@ def main() -> None:
     print(f"cold / bare compute: x{cold / bare:.2f} (goal <= x1.10)")
     if not args.skip_baseline:
         print(f"cold vs baseline: x{results['baseline (seed design, fp32)'][0] / cold:.2f}")
+    warm_imports, *_ = results["sim-pipeline warm"][2].splitlines()
     print(f"warm / cold: {results['sim-pipeline warm'][0] / cold:.1%} (goal <= 5%); warm "
-          f"{results['sim-pipeline warm'][2]}")
+          f"{warm_imports}")
+    for line in results["sim-pipeline cold"][2].splitlines()[1:]:
+        print(f"cold run's {line}")
 
 
 if __name__ == "__main__":
