@@ -134,7 +134,10 @@ def checkpoint_folder(name: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    cached = try_to_load_from_cache(name, "config.json")
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a hub id either (a folder that does not exist, say)
+        return None
     return Path(cached).parent if isinstance(cached, str) else None
 
 
