@@ -36,10 +36,15 @@ CLI_PROBE = ("import resource, sys; from sim_pipeline.cli import main; rc = main
              "file=sys.stderr); "
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
              "sys.exit(rc)")
-def timed_process(command: list[str], env: dict[str, str], probe: str = RSS_PROBE
-                  ) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MB) and the probe's other stderr lines, ``command`` run as its
-    own process (``probe`` runs it as a child, or in-process for ``CLI_PROBE``)."""
+def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of ``command``, run as its own process."""
+    seconds, rss, _ = timed_run(command, env, RSS_PROBE)
+    return seconds, rss
+
+
+def timed_run(command: list[str], env: dict[str, str], probe: str) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MB) and the probe's notes, ``command`` run as its own process
+    (``RSS_PROBE`` runs it as a child, ``CLI_PROBE`` runs the CLI in-process)."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", probe, *command], env=env,
                           capture_output=True, text=True)
@@ -128,9 +133,9 @@ def main() -> None:
     if not args.skip_baseline:
         baseline = [sys.executable, str(Path(__file__).with_name("seed_baseline.py")), model,
                     str(source), str(work / "baseline.csv")]
-        results["baseline (seed design, fp32)"] = timed_process(baseline, env)
-    results["sim-pipeline cold"] = timed_process([*cli, "--run-id", "cold"], env, CLI_PROBE)
-    results["sim-pipeline warm"] = timed_process([*cli, "--run-id", "warm"], env, CLI_PROBE)
+        results["baseline (seed design, fp32)"] = timed_run(baseline, env, RSS_PROBE)
+    results["sim-pipeline cold"] = timed_run([*cli, "--run-id", "cold"], env, CLI_PROBE)
+    results["sim-pipeline warm"] = timed_run([*cli, "--run-id", "warm"], env, CLI_PROBE)
     server.shutdown()
     bare, detail = bare_compute(model, source, args.backend, args.batch_size)
 
@@ -140,7 +145,8 @@ def main() -> None:
     cold = results["sim-pipeline cold"][0]
     stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds
                        in stage_seconds(database, "cold").items())
-    print(f"cold stages (s, embed-texts runs beside fetch-images): {stages}")
+    print(f"cold stages (s; embed-texts runs beside fetch-images where worker processes "
+          f"fetch): {stages}")
     print(f"bare compute {bare:.1f} s ({detail})")
     print(f"cold / bare compute: x{cold / bare:.2f} (goal <= x1.10)")
     if not args.skip_baseline:

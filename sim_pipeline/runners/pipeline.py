@@ -23,6 +23,7 @@ from sim_pipeline.runners.lifecycle import Run
 from sim_pipeline.stages.embed.encoders import encoder_for
 from sim_pipeline.stages.embed.error_bound import ErrorBound
 from sim_pipeline.stages.embed.model import release_encoders
+from sim_pipeline.stages.fetch.chunk import fetch_processes
 from sim_pipeline.stages.fetch.records import FetchStats
 from sim_pipeline.stages.finalize import default_output_path
 from sim_pipeline.stages.plan import RunPlan, check_input_file
@@ -100,6 +101,13 @@ def over_chunks(run: Run, stage: str, plan: RunPlan, progress: bool) -> Iterator
             bar.update(chunk.rows)
 
 
+def fetch_in_worker_processes(settings: Settings, plan: RunPlan) -> bool:
+    """Whether the fetch stage downloads from worker processes. Only then does the text tower
+    run beside it: imports, loading and tokenising hold this process's GIL for long stretches,
+    which would stall downloads made here into spurious timeouts."""
+    return any(fetch_processes(settings, chunk.rows) > 1 for chunk in plan.chunks)
+
+
 def embed_texts_then_load_image_tower(run: Run, plan: RunPlan) -> None:
     """Embed-texts over every chunk, then, if it needed the model, the image tower loaded for
     embed-images: both off the critical path while the images download (fetching waits on the
@@ -115,8 +123,8 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
               progress: bool = True) -> RunSummary:
     """Score a CSV end to end: scored CSV next to it, rows in the results table.
 
-    Stage by stage over all chunks, embed-texts beside fetch-images, so only one model tower
-    is in memory at a time and the text tower costs no wall time when images download slower.
+    Stage by stage over all chunks, so only one model tower is in memory at a time;
+    embed-texts runs beside fetch-images when worker processes download (large chunks).
     """
     started = time.monotonic()
     source = Path(source)
@@ -127,11 +135,15 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
     summary = RunSummary(plan.run_id, Path(output or default_output_path(source)),
                          run.results.shown_url)  # type: ignore[union-attr]
     try:
-        with ThreadPoolExecutor(1) as beside:  # the text tower runs while images download
-            texts = beside.submit(embed_texts_then_load_image_tower, run, plan)
+        with ThreadPoolExecutor(1) as beside:
+            texts = beside.submit(embed_texts_then_load_image_tower, run, plan) \
+                if fetch_in_worker_processes(settings, plan) else None
             for fetched in over_chunks(run, FETCH_IMAGES, plan, progress):
                 summary.fetch.add(fetched)
-            texts.result()
+            if texts is None:
+                embed_texts_then_load_image_tower(run, plan)
+            else:
+                texts.result()
         for _ in over_chunks(run, EMBED_IMAGES, plan, progress):
             pass
         release_encoders()
