@@ -13,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from sim_pipeline.core.config import Settings
+from sim_pipeline.core.layout import model_tag
 from sim_pipeline.stages.embed.error_bound import SAMPLE_PAIRS
 from tests.conftest import ImageServer
 from tests.pairs import Case, read_csv, serve_good_images, write_cases
@@ -43,6 +44,8 @@ def test_an_int8_run_reports_its_error_against_fp32(
     assert score(source, settings, "--backend", "onnx-int8", "--run-id", "int8",
                  "-o", str(tmp_path / "int8.csv"), "--chunk-size", "5") == 0
     summary = capsys.readouterr().out
+    fp32_vectors = Path(settings.store) / "embeddings" / model_tag(settings.model, "onnx")
+    assert len(list(fp32_vectors.rglob("*.f32"))) == 6 + 12, "the sample's fp32 vectors, cached"
     assert score(source, settings, "--backend", "onnx", "--run-id", "fp32",
                  "-o", str(tmp_path / "fp32.csv")) == 0
     assert "int8 " not in capsys.readouterr().out, "full precision has no bound to report"

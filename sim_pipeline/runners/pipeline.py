@@ -15,7 +15,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES, JOIN_SCORE
 from sim_pipeline.results.report import report_path
@@ -27,6 +26,7 @@ from sim_pipeline.stages.fetch.chunk import fetch_processes
 from sim_pipeline.stages.fetch.records import FetchStats
 from sim_pipeline.stages.finalize import default_output_path
 from sim_pipeline.stages.plan import RunPlan, check_input_file
+from sim_pipeline.stages.registry import CHUNK_STAGES
 from sim_pipeline.stages.score import ScoredRow
 
 
@@ -120,49 +120,51 @@ def embed_texts_then_load_image_tower(run: Run, plan: RunPlan) -> None:
 
 
 def score_csv(source: str | Path, settings: Settings, output: str | Path | None = None,
-              progress: bool = True) -> RunSummary:
+              progress: bool = True, run_id: str | None = None) -> RunSummary:
     """Score a CSV end to end: scored CSV next to it, rows in the results table.
 
-    Stage by stage over all chunks, so only one model tower is in memory at a time;
-    embed-texts runs beside fetch-images when worker processes download (large chunks).
+    Stage by stage over all chunks (in the registry's order), so only one model tower is in
+    memory at a time; embed-texts runs beside fetch-images when worker processes download
+    (large chunks).
     """
     started = time.monotonic()
     source = Path(source)
     check_input_file(source)
-    repairs.taken()  # this run's repairs only
     run = Run.open(settings)
-    plan = run.plan(source)
+    plan = run.plan(source, run_id=run_id)
     summary = RunSummary(plan.run_id, Path(output or default_output_path(source)),
                          run.results.shown_url)  # type: ignore[union-attr]
     try:
         with ThreadPoolExecutor(1) as beside:
-            texts = beside.submit(embed_texts_then_load_image_tower, run, plan) \
-                if fetch_in_worker_processes(settings, plan) else None
-            for fetched in over_chunks(run, FETCH_IMAGES, plan, progress):
-                summary.fetch.add(fetched)
-            if texts is None:
-                embed_texts_then_load_image_tower(run, plan)
-            else:
-                texts.result()
-        for _ in over_chunks(run, EMBED_IMAGES, plan, progress):
-            pass
-        release_encoders()
-        for scored in over_chunks(run, JOIN_SCORE, plan, progress):
-            summary.add(scored)
+            texts = (beside.submit(embed_texts_then_load_image_tower, run, plan)
+                     if fetch_in_worker_processes(settings, plan) else None)
+            for stage in CHUNK_STAGES:
+                if stage == EMBED_TEXTS and texts is not None:
+                    continue  # ran beside fetch-images
+                if stage == EMBED_IMAGES and texts is not None:
+                    texts.result()
+                for result in over_chunks(run, stage, plan, progress):
+                    if stage == FETCH_IMAGES:
+                        summary.fetch.add(result)
+                    elif stage == JOIN_SCORE:
+                        summary.add(result)
+                if stage != FETCH_IMAGES:  # the text side may be loading the image tower
+                    release_encoders()
         summary.error_bound = run.finalize(plan, summary.output).error_bound
     except BaseException:
         run.fail(plan.run_id)
         raise
-    summary.repaired = repairs.taken()
+    summary.repaired = run.repaired
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def fetch_csv(source: str | Path, settings: Settings, progress: bool = True) -> RunSummary:
+def fetch_csv(source: str | Path, settings: Settings, progress: bool = True,
+              run_id: str | None = None) -> RunSummary:
     """Plan and fetch only: warms the image cache ahead of a GPU window; writes no results."""
     started = time.monotonic()
     run = Run.open(settings, record=False)
-    plan = run.plan(source)
+    plan = run.plan(source, run_id=run_id)
     summary = RunSummary(plan.run_id, default_output_path(source), "none", rows=plan.rows)
     for fetched in over_chunks(run, FETCH_IMAGES, plan, progress):
         summary.fetch.add(fetched)
