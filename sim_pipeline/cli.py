@@ -58,10 +58,23 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings({k: v for k, v in vars(args).items() if k in names}, flags=True)
 
 
+def checked_input(args: argparse.Namespace) -> Settings:
+    """The settings, once the input's shape is checked: a file that cannot be planned is
+    refused in a second, before the pipeline (database, model) is even imported."""
+    from pathlib import Path
+
+    from sim_pipeline.stages.plan import check_input
+
+    settings = settings_from(args)
+    check_input(Path(args.input), settings)
+    return settings
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    settings = checked_input(args)
     from sim_pipeline.runners.pipeline import score_csv
 
-    summary = score_csv(args.input, settings_from(args), args.output, progress=not args.quiet,
+    summary = score_csv(args.input, settings, args.output, progress=not args.quiet,
                         run_id=run_id_given(args.run_id))
     print(summary.render())
     return 0
@@ -88,9 +101,10 @@ def _add_store(commands: argparse._SubParsersAction, flags: argparse.ArgumentPar
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    settings = checked_input(args)
     from sim_pipeline.runners.pipeline import fetch_csv
 
-    summary = fetch_csv(args.input, settings_from(args), progress=not args.quiet,
+    summary = fetch_csv(args.input, settings, progress=not args.quiet,
                         run_id=run_id_given(args.run_id))
     print(summary.render_fetch())
     return 0

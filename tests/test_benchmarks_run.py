@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("bench.cache", ["--pairs", "20", "--images", "20"], "second / first inference time"),
     ("bench.memory", ["--small", "20", "--large", "60", "--images", "5"], "large / small"),
     ("bench.hostile_images", ["--counts", "1", "3", "--side", "1500"], "most / fewest images"),
+    ("bench.refusals", ["--rounds", "1"], "/ start-up"),
 ])
 def test_benchmark_script_runs(tmp_path: Path, module: str, args: list[str], expect: str) -> None:
     env = {**os.environ, "SIM_BENCH_DIR": str(tmp_path), "SIM_BENCH_MODEL_SHAPE": "tiny"}

@@ -76,6 +76,30 @@ latest_similarity_scores = sa.Table(  # view (migration 002): newest row per url
     *(sa.Column(c.name, c.type) for c in similarity_scores.columns if c.name != "input_fields"),
 )
 
+# Drift (migration 004): each comparison of a run with a reference run, and the canary pairs
+# scored with each run (results.drift, results.canaries).
+score_drift = sa.Table(
+    "score_drift", metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("against_run_id", sa.Text, primary_key=True),
+    sa.Column("verdict", sa.Text), sa.Column("reasons", sa.Text),
+    sa.Column("psi", sa.Float), sa.Column("ks_statistic", sa.Float),
+    sa.Column("ks_pvalue", sa.Float), sa.Column("wasserstein", sa.Float),
+    sa.Column("cutoff", sa.Float), sa.Column("share_above", sa.Float),
+    sa.Column("against_share_above", sa.Float), sa.Column("scored_rows", sa.BigInteger),
+    sa.Column("against_scored_rows", sa.BigInteger), sa.Column("error_shares", sa.Text),
+    sa.Column("canaries", sa.Text), sa.Column("computed_at", sa.DateTime(timezone=True)),
+)
+canary_scores = sa.Table(
+    "canary_scores", metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("row_number", sa.BigInteger, primary_key=True),
+    sa.Column("image_url", sa.Text), sa.Column("caption", sa.Text),
+    sa.Column("similarity", sa.Float), sa.Column("error", sa.Text),
+    sa.Column("model", sa.Text), sa.Column("model_precision", sa.Text),
+    sa.Column("model_backend", sa.Text),
+)
+
 SCORE_COLUMNS = [c.name for c in similarity_scores.columns]
 _COPY_TYPES = ["text", "int8", "text", "text", "text", "text", "text", "float8", "float8", "text",
                "timestamptz", "text"]  # SCORE_COLUMNS' types, for binary COPY
