@@ -133,6 +133,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from sim_pipeline.stages.embed.doctor import report
+
+    print(report(settings_from(args), args.images))
+    return 0
+
+
 def _add_serve(commands: argparse._SubParsersAction, flags: argparse.ArgumentParser) -> None:
     serve = commands.add_parser("serve", parents=[flags], help="score online: an HTTP service "
                                 "holding the model (docs/service.md)")
@@ -182,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--output", help="scored CSV path (finalize only)")
     _add_run_id(stage)
     stage.set_defaults(handler=cmd_stage)
+
+    doctor = commands.add_parser("doctor", parents=[flags], help="measure each precision and "
+                                 "backend on this machine: images/s, cosine vs fp32")
+    doctor.add_argument("--images", type=int, default=64, help="images to embed per option")
+    doctor.set_defaults(handler=cmd_doctor)
 
     _add_serve(commands, flags)
     _add_store(commands, flags)

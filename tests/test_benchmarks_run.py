@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
     ("bench.gpu", ["--images", "6", "--batch-size", "4", "--rounds", "1"], "stage/bare"),
     ("bench.embed", ["--images", "6", "--batch-size", "4", "--rounds", "1", "--onnx"],
      "cpu onnx-int8: embed stage"),
-    ("bench.end_to_end", ["--pairs", "12", "--images", "8"], "warm / cold"),
+    ("bench.end_to_end", ["--pairs", "12", "--images", "8"], "cold / bare compute"),
     ("bench.airflow", ["--pairs", "200", "--images", "20", "--chunk-size", "100"], "airflow / cli"),
     ("bench.cache", ["--pairs", "20", "--images", "20"], "second / first inference time"),
     ("bench.memory", ["--small", "20", "--large", "60", "--images", "5"], "large / small"),

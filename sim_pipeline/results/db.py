@@ -54,6 +54,8 @@ scoring_runs = sa.Table(
     sa.Column("rows_ok", sa.BigInteger), sa.Column("rows_error", sa.BigInteger),
     sa.Column("input_columns", sa.Text), sa.Column("input_delimiter", sa.Text),
     sa.Column("updated_at", sa.DateTime(timezone=True)),
+    sa.Column("error_bound_pairs", sa.Integer), sa.Column("error_bound_max", sa.Float),
+    sa.Column("error_bound_p99", sa.Float),
 )
 similarity_scores = sa.Table(
     "similarity_scores", metadata,
@@ -516,6 +518,14 @@ class ResultsDB:
                                            "seconds": round(seconds, 3), "finished_at": now}])
             conn.execute(scoring_runs.update().where(scoring_runs.c.run_id == run_id)
                          .values(updated_at=now))
+
+    @_retried
+    def record_error_bound(self, run_id: str, pairs: int, largest: float, p99: float) -> None:
+        """Keep a quantised run's measured ``|similarity - fp32|`` on its run record."""
+        with self.engine.begin() as conn:
+            conn.execute(scoring_runs.update().where(scoring_runs.c.run_id == run_id).values(
+                error_bound_pairs=pairs, error_bound_max=largest, error_bound_p99=p99,
+                updated_at=_now()))
 
 
 @functools.lru_cache(maxsize=8)

@@ -45,6 +45,7 @@ from sim_pipeline.core.store import (
 from sim_pipeline.results.db import RUN_LEVEL, ResultsDB
 from sim_pipeline.results.report import report_path, write_report
 from sim_pipeline.runners.store_verify import remove_debris
+from sim_pipeline.stages.embed.error_bound import ErrorBound, measure_error_bound
 from sim_pipeline.stages.finalize import default_output_path, write_scored_csv
 from sim_pipeline.stages.plan import (
     RunPlan,
@@ -66,6 +67,7 @@ class Finished:
     output: Path
     report: Path
     rows: int
+    error_bound: ErrorBound | None = None  # quantised backends: measured against fp32
 
 
 @dataclass
@@ -124,9 +126,9 @@ class Run:
                 client.text_vectors(["a model check"])
             family = "served"
         else:
-            from sim_pipeline.stages.embed.families import check_backend
+            from sim_pipeline.stages.embed.families import checked_family
 
-            family = check_backend(self.settings.model, self.settings.backend).family.name
+            family = checked_family(self.settings.model, self.settings.backend, self.store)
         write_json(self.store, key, {"model": self.settings.model, "family": family,
                                      "backend": where})
 
@@ -179,7 +181,11 @@ class Run:
                     self.run_stage(JOIN_SCORE, chunk)
                 path = write_scored_csv(plan, self.store, self.settings, output)
         report = report_path(path)
+        bound = measure_error_bound(plan.chunks, self.store, self.settings)
         if self.results is not None:
+            if bound is not None:
+                self.results.record_error_bound(plan.run_id, bound.pairs, bound.largest,
+                                                bound.p99)
             self.record_unrecorded(final=True)
             from sim_pipeline.runners.canaries import score_canaries  # imports the API: late
 
@@ -187,7 +193,7 @@ class Run:
             self.results.finish_run(plan.run_id, "succeeded")
             write_report(plan.run_id, self.settings, report)
         remove_debris(self.store)  # what earlier, killed attempts left: a clean exit leaves none
-        return Finished(plan.run_id, path, report, plan.rows)
+        return Finished(plan.run_id, path, report, plan.rows, bound)
 
     def fail(self, run_id: str) -> None:
         """Mark the run failed. When the failure is the database's own, remember it in the store
