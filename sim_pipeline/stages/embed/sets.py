@@ -22,6 +22,7 @@ from sim_pipeline.core.store import (
     sha256_bytes,
     write_json,
 )
+from sim_pipeline.stages.plan import InputRow
 
 
 @dataclass(frozen=True)
@@ -90,3 +91,8 @@ def assemble(keys: list[str], vectors: dict[str, np.ndarray], errors: dict[str, 
         if key not in errors:
             matrix[i] = vectors[content(key)]
     return EmbeddingSet(keys, matrix, errors)
+
+
+def scorable(rows: list[InputRow]) -> list[InputRow]:
+    """Rows that reach the model: those without an input error."""
+    return [r for r in rows if r.error is None]
