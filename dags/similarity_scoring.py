@@ -10,6 +10,9 @@ input CSV ──> plan ──┬──> chunk 0: fetch-images ──> embed-imag
 Each chunk is one instance of the mapped task group ``score_chunk`` and flows through its stages
 on its own (depth-first): chunk 0 is embedded while chunk 1 is still being fetched, and
 ``embed_texts`` needs no image, so it starts with the fetch. ``finalize`` waits for every chunk.
+Every task runs in a pool of ``sim_airflow.pools``, whose slots are the workers' (fetch tasks
+cannot take an inference slot), and a chunk's later stages outrank other chunks' fetches
+(``weight_rule="upstream"``), so depth-first holds on the CeleryExecutor too.
 
 Trigger it with ``{"csv_path": "s3://bucket/pairs.csv"}``; nightly runs read the input of their
 logical date (``SIM_PIPELINE_NIGHTLY_INPUT``, default ``<store>/incoming/{{ ds }}.csv``) and skip
@@ -29,15 +32,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import chain, dag, task, task_group
-from sim_airflow.options import FETCH, RETRIES, params, schedule
+from sim_airflow.labels import LABEL_MACROS
+from sim_airflow.options import CHUNK_WORK, DEPTH_FIRST, FETCH, RETRIES, params, schedule
 from sim_airflow.status import mark_run_failed
-from sim_airflow.tasks import LABEL_MACROS, chunk_task, inference_task
+from sim_airflow.tasks import chunk_task, inference_task
 
 Chunk = dict[str, Any]
 Counts = dict[str, Any]
 
 
-@task
+@task(**CHUNK_WORK)
 def plan_chunks() -> list[Chunk]:
     from sim_airflow.runs import plan_run
 
@@ -47,7 +51,7 @@ def plan_chunks() -> list[Chunk]:
 fetch_images = chunk_task("fetch-images", **FETCH)
 embed_images = inference_task("embed-images")
 embed_texts = inference_task("embed-texts")
-join_score = chunk_task("join-score")
+join_score = chunk_task("join-score", **CHUNK_WORK)
 
 
 @task_group
@@ -59,7 +63,7 @@ def score_chunk(chunk: Chunk) -> Any:
     return scored
 
 
-@task
+@task(**CHUNK_WORK)
 def finalize(scored: list[Counts]) -> Counts:
     from sim_airflow.runs import finalize_run
 
@@ -67,7 +71,7 @@ def finalize(scored: list[Counts]) -> Counts:
 
 
 @dag(schedule=schedule(), start_date=datetime(2024, 1, 1, tzinfo=UTC), catchup=False,
-     params=params(), default_args=RETRIES, on_failure_callback=mark_run_failed,
+     params=params(), default_args={**RETRIES, **DEPTH_FIRST}, on_failure_callback=mark_run_failed,
      user_defined_macros=LABEL_MACROS, tags=["sim-pipeline"], doc_md=__doc__)
 def similarity_scoring() -> None:
     finalize(score_chunk.expand(chunk=plan_chunks()))

@@ -26,10 +26,10 @@ from airflow.sdk import Context, get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from sim_airflow.failures import INPUT_FIELD, OUTPUT_FIELD, fail_at_once_when_hopeless
+from sim_airflow.labels import chunk_label
 from sim_airflow.options import nightly_input
 from sim_airflow.progress import progress_lines, summary
 from sim_airflow.settings import s3_conn_id, task_settings
-from sim_airflow.tasks import chunk_label
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -147,7 +147,7 @@ def plan_run() -> list[Chunk]:
     return planned["chunks"]
 
 
-def run_stage(stage: str, chunk: Mapping[str, Any]) -> dict[str, Any]:
+def run_chunk_stage(stage: str, chunk: Mapping[str, Any]) -> dict[str, Any]:
     """One per-chunk stage (``fetch-images``, ``embed-images``, ...) on the chunk described."""
     from sim_pipeline.runners import dispatch as stages
 
@@ -216,13 +216,21 @@ def finalize_run(scored: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dic
     settings = task_settings(params, run_id=context["run_id"])
     output = (params.get("output_path") or "").strip() or default_output(
         input_location(context, settings), context["run_id"])
-    started = time.monotonic()
     with fail_at_once_when_hopeless(OUTPUT_FIELD):
         result = write_output(settings, output)
     # Every chunk's counts in one request; a run of one chunk gets that chunk's dict alone.
     counts = [scored] if isinstance(scored, Mapping) else scored[:]
     ok = sum(c["ok"] for c in counts)
     log.info("Run %s finished in %.1f s: %d rows, %d scored, %d with an error code; scored CSV "
-             "at %s, report at %s.", result["run_id"], time.monotonic() - started,
-             result["rows"], ok, result["rows"] - ok, result["output"], result["report"])
+             "at %s, report at %s.", result["run_id"], run_seconds(context), result["rows"], ok,
+             result["rows"] - ok, result["output"], result["report"])
     return {**result, "ok": ok}
+
+
+def run_seconds(context: Context) -> float:
+    """The whole DAG run's wall time so far (from its start), not this task's: the last task's
+    "finished in" is the run's."""
+    from datetime import UTC, datetime
+
+    began = context["dag_run"].start_date
+    return (datetime.now(UTC) - began).total_seconds() if began else 0.0
