@@ -33,6 +33,7 @@ from typing import Any
 
 from airflow.sdk import chain, dag, task, task_group
 from sim_airflow.labels import LABEL_MACROS
+from sim_airflow.lost_workers import note_lost_worker
 from sim_airflow.options import CHUNK_WORK, DEPTH_FIRST, FETCH, RETRIES, params, schedule
 from sim_airflow.status import mark_run_failed
 from sim_airflow.tasks import chunk_task, inference_task
@@ -70,8 +71,13 @@ def finalize(scored: list[Counts]) -> Counts:
     return finalize_run(scored)
 
 
+# Every task: retries, depth-first priority, and a last log line when its worker dies.
+TASK_DEFAULTS = {**RETRIES, **DEPTH_FIRST, "on_retry_callback": note_lost_worker,
+                 "on_failure_callback": note_lost_worker}
+
+
 @dag(schedule=schedule(), start_date=datetime(2024, 1, 1, tzinfo=UTC), catchup=False,
-     params=params(), default_args={**RETRIES, **DEPTH_FIRST}, on_failure_callback=mark_run_failed,
+     params=params(), default_args=TASK_DEFAULTS, on_failure_callback=mark_run_failed,
      user_defined_macros=LABEL_MACROS, tags=["sim-pipeline"], doc_md=__doc__)
 def similarity_scoring() -> None:
     finalize(score_chunk.expand(chunk=plan_chunks()))

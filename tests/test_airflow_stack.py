@@ -48,6 +48,7 @@ ROWS = 2_000
 CHUNK_SIZE = 250  # eight chunks: enough embed tasks to kill a worker in the middle of one
 VICTIM = "worker-inference"
 SLOW_SECONDS = 3.0  # per image of the depth-first run's last chunk
+EMBED_TASKS = ("score_chunk.embed_images", "score_chunk.embed_texts")
 
 
 @dataclass
@@ -192,11 +193,28 @@ def test_a_run_survives_a_killed_worker_and_both_workers_ran_tasks(
     # Its embed tasks asked the stack's inference-server, which holds the model.
     for endpoint in ("/v1/embed/images", "/v1/embed/texts"):
         assert served_requests(stack, endpoint) > 0, endpoint
+    # The killed try's own log ends by saying its worker died (not only the scheduler's log).
+    retried = [ti for ti in tis if ti["try_number"] >= 2 and ti["task_id"] in EMBED_TASKS]
+    last_lines = [last_log_event(try_log(stack, ti, 1)) for ti in retried]
+    assert any("The worker running this try (worker-inference) died" in line
+               for line in last_lines), last_lines
     restarted = stack.state()["components"][VICTIM]["pid"]
     assert restarted != killed_run["victim"]
     log = (stack.home / "logs" / "stack.log").read_text()
     assert f"{VICTIM} exited (-9); restarting it" in log
     print(f"2,000 rows through the stack with a killed worker: {killed_run['seconds']:.0f} s")
+
+
+def try_log(stack: Stack, ti: dict[str, Any], attempt: int) -> Path:
+    mapped = f"map_index={ti['map_index']}/" if ti["map_index"] >= 0 else ""
+    return (stack.home / "logs" / f"dag_id={ti['dag_id']}" / f"run_id={ti['dag_run_id']}"
+            / f"task_id={ti['task_id']}" / mapped / f"attempt={attempt}.log")
+
+
+def last_log_event(path: Path) -> str:
+    """The last event of a task log (JSON lines), or "" when there is none."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return str(json.loads(lines[-1])["event"]) if lines else ""
 
 
 def served_requests(stack: Stack, endpoint: str) -> float:
@@ -257,7 +275,7 @@ def test_a_shell_reaches_the_stack_with_airflow_and_sim_pipeline(
                            "--output", "json"], env=env, cwd=stack.home, capture_output=True,
                           text=True, timeout=180)
     assert runs.returncode == 0, runs.stderr[-3000:]
-    listed = json.loads(runs.stdout[runs.stdout.index("["):])
+    listed = json.loads(next(line for line in runs.stdout.splitlines() if line.startswith("[{")))
     assert killed_run["run_id"] in {run["run_id"] for run in listed}
     results = subprocess.run([str(bin_dir / "sim-pipeline"), "results", "runs"], env=env,
                              cwd=stack.home, capture_output=True, text=True, timeout=120)

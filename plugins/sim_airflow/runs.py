@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Context, get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from sim_airflow.failures import INPUT_FIELD, OUTPUT_FIELD, fail_at_once_when_hopeless
+from sim_airflow.failures import (
+    INPUT_FIELD,
+    MODEL_FIELD,
+    OUTPUT_FIELD,
+    fail_at_once_when_hopeless,
+)
 from sim_airflow.labels import chunk_label
 from sim_airflow.options import nightly_input
 from sim_airflow.progress import progress_lines, summary
@@ -123,13 +128,51 @@ def count_rows(path: Path, settings: Settings) -> int:
     return sum(1 for _ in rows)
 
 
-def plan_run() -> list[Chunk]:
-    """Plan the run's input into chunks and open the run, keyed by the Airflow run id."""
-    from sim_pipeline.runners import dispatch as stages
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 
+
+def check_model_folder(model: str) -> None:
+    """A model given as a local path (absolute, ``./``, ``../``, ``~``) that is not a folder
+    fails at once: asking the model hub for it would take seconds and answer about repo ids."""
+    if model.startswith(LOCAL_PATH_PREFIXES) and not Path(model).expanduser().is_dir():
+        raise AirflowFailException(f"Model {model}: no such folder; check the trigger form's "
+                                   f"{MODEL_FIELD!r} field.")
+
+
+def record_failed_plan(settings: Settings, run_id: str, source: str) -> None:
+    """A run that fails before or while planning still gets its ``scoring_runs`` row, failed,
+    so ``sim-pipeline results runs`` shows it (best effort: the database may be the failure)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sim_pipeline.core.errors import UserError
+    from sim_pipeline.results.db import ResultsDB
+
+    try:
+        results = ResultsDB(settings.database_url, settings.db_retry_seconds)
+        results.open_run_if_absent(run_id, source, settings.model, 0)
+        results.finish_run(run_id, "failed")
+    except (UserError, SQLAlchemyError):
+        log.warning("Run %s could not be recorded as failed in the results database.", run_id,
+                    exc_info=True)
+
+
+def plan_run() -> list[Chunk]:
+    """Plan the run's input into chunks and open the run, keyed by the Airflow run id; a run
+    that cannot be planned is recorded failed before the task fails."""
     context = get_current_context()
     settings = task_settings(context["params"], run_id=context["run_id"])
     location = input_location(context, settings)
+    try:
+        return plan_chunks(context, settings, location)
+    except AirflowFailException:
+        record_failed_plan(settings, context["run_id"], location)
+        raise
+
+
+def plan_chunks(context: Context, settings: Settings, location: str) -> list[Chunk]:
+    from sim_pipeline.runners import dispatch as stages
+
+    check_model_folder(settings.model)
     hook = s3_hook() if is_s3(location) else None  # one for the check and the download
     check_input(location, context, hook)
     with fail_at_once_when_hopeless(INPUT_FIELD), local_copy(location, hook) as path:
