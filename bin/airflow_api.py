@@ -70,7 +70,7 @@ class AirflowApi:
             time.sleep(1)
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
-    def wait_for_run(self, run_id: str, timeout: float = 150) -> str:
+    def wait_for_run(self, run_id: str, timeout: float = 300) -> str:
         """Wait until the run finishes; its final state."""
         final = ("success", "failed")
         self.wait(lambda: self.call("GET", self.run_path(run_id))["state"] in final,
