@@ -119,25 +119,27 @@ def main() -> None:
                 SIM_PIPELINE_ALLOW_HOSTS=base_url.removeprefix("http://"))
     print(f"{args.pairs} pairs over {args.images} distinct 640x480 JPEGs, cold, model: random "
           f"weights ({os.environ.get('SIM_BENCH_MODEL_SHAPE', 'vit-b-32')}), scores meaningless")
-    print(cpu_line())
+    print(cpu_line(), flush=True)
     try:
-        results = {size: one_size(base, source, work, size) for size in sizes}
+        for size in sizes:  # each size's figures as soon as they are measured
+            report(size, args.pairs, one_size(base, source, work, size))
     finally:
         server.shutdown()
-    for size, r in results.items():
-        chunks = -(-args.pairs // size)
-        goal = GOALS.get(size)
-        print(f"chunk_size {size} ({chunks} chunks): stack start-up (once per deployment, model "
-              f"load included) {r['startup']:.1f} s")
-        print(f"  airflow (make stack, CeleryExecutor) {r['airflow']:7.1f} s "
-              f"{args.pairs / r['airflow']:8.1f} pairs/s")
-        print(f"  sim-pipeline score (one process)     {r['cli']:7.1f} s "
-              f"{args.pairs / r['cli']:8.1f} pairs/s")
-        print(f"  airflow / cli: x{r['airflow'] / r['cli']:.2f}"
-              + (f" (goal <= x{goal:.1f})" if goal else ""))
-        print(f"  median embed task ({int(r['embed_tasks'])} tasks): {r['embed_median']:.1f} s "
-              f"wall, minus model time in the task 0.0 s (the inference-server holds the model) "
-              f"= {r['embed_median']:.1f} s")
+
+
+def report(size: int, pairs: int, r: dict[str, float]) -> None:
+    goal = GOALS.get(size)
+    print(f"chunk_size {size} ({-(-pairs // size)} chunks): stack start-up (once per deployment, "
+          f"model load included) {r['startup']:.1f} s")
+    print(f"  airflow (make stack, CeleryExecutor) {r['airflow']:7.1f} s "
+          f"{pairs / r['airflow']:8.1f} pairs/s")
+    print(f"  sim-pipeline score (one process)     {r['cli']:7.1f} s "
+          f"{pairs / r['cli']:8.1f} pairs/s")
+    print(f"  airflow / cli: x{r['airflow'] / r['cli']:.2f}"
+          + (f" (goal <= x{goal:.1f})" if goal else ""))
+    print(f"  median embed task ({int(r['embed_tasks'])} tasks): {r['embed_median']:.1f} s wall, "
+          f"minus model time in the task 0.0 s (the inference-server holds the model) = "
+          f"{r['embed_median']:.1f} s", flush=True)
 
 
 if __name__ == "__main__":
