@@ -86,9 +86,9 @@ def one_size(base: dict[str, str], source: Path, work: Path, chunk_size: int) ->
     base = {**base, "SIM_PIPELINE_CHUNK_SIZE": str(chunk_size)}
     home, port = work / f"stack-{chunk_size}", stack.free_port()
     started = time.perf_counter()
-    stack_call("up", "--home", str(home), "--port", str(port),
-               "--name", f"sim_bench_{uuid.uuid4().hex[:8]}", env=base)
-    try:
+    try:  # an interrupted up leaves a supervisor behind: down stops it either way
+        stack_call("up", "--home", str(home), "--port", str(port),
+                   "--name", f"sim_bench_{uuid.uuid4().hex[:8]}", env=base)
         startup = time.perf_counter() - started
         config = stack.read_config(home)
         assert config is not None
