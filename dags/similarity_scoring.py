@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import dag, task, task_group
+from sim_airflow.assets import OUTLETS
 from sim_airflow.labels import LABEL_MACROS
 from sim_airflow.lost_workers import note_lost_worker
 from sim_airflow.options import CHUNK_WORK, DEPTH_FIRST, FETCH, RETRIES, params, schedule
@@ -71,7 +72,8 @@ def score_chunk(chunk: Chunk) -> Any:
     return done[JOIN_SCORE]
 
 
-@task(**CHUNK_WORK)
+# outlets: the results table and the scored CSV; score_drift runs on them.
+@task(outlets=OUTLETS, **CHUNK_WORK)
 def finalize(scored: list[Counts]) -> Counts:
     from sim_airflow.runs import finalize_run
 

@@ -256,7 +256,7 @@ def assert_recorded_failed(pg_url: str, run_id: str) -> None:
 
 
 def test_the_dag_file_parses_fast_without_torch(bag: dict[str, Any]) -> None:
-    assert bag["import_errors"] == {} and bag["dags"] == ["similarity_scoring"]
+    assert bag["import_errors"] == {} and bag["dags"] == ["score_drift", "similarity_scoring"]
     assert bag["seconds"] < 2.0
     assert bag["heavy_modules"] == []  # torch, transformers, the stages load in tasks
 
