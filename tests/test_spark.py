@@ -33,6 +33,7 @@ from tests.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
 pytest_plugins = ["tests.plugin_s3"]
 MASTER = "local-cluster[2,1,1024]"
 BATCH_ROWS = 8  # Arrow batch size: each Python worker scores several batches per job
+LIMITS = {"max_image_bytes": 200_000, "max_pixels": 1_000_000}  # small, for too_large & co.
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def error_file(server: ImageServer, path: Path, prefix: str) -> tuple[Path, set[
         "robots_disallowed": server.add(f"/{prefix}/noai.jpg", Route(
             body=make_image(seed=12), headers={"X-Robots-Tag": "noai"})),
         "too_many_pixels": server.add(f"/{prefix}/huge.png", Route(
-            body=make_image(seed=13, fmt="PNG", size=(3000, 3000)), content_type="image/png")),
+            body=make_image(seed=13, fmt="PNG", size=(1200, 1000)), content_type="image/png")),
     }
     good = cases[0].url
     with path.open("ab") as handle:  # CRLF, as csv.writer ended the rows above
@@ -103,13 +104,12 @@ def spark_settings(settings: Settings, seaweedfs: SeaweedFS, prefix: str,
     s3 = S3Options(endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
                    aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
     return settings.replace(store=f"s3://{seaweedfs.bucket}/{prefix}", s3=s3,
-                            max_image_bytes=200_000, max_pixels=4_000_000, **changes)
+                            **LIMITS, **changes)
 
 
 def cli_output(settings: Settings, source: Path, tmp_path: Path) -> list[list[str]]:
     output = tmp_path / "cli_scored.csv"
-    score_csv(source, settings.replace(max_image_bytes=200_000, max_pixels=4_000_000,
-                                       store=str(tmp_path / "cli-store")), output,
+    score_csv(source, settings.replace(**LIMITS, store=str(tmp_path / "cli-store")), output,
               progress=False)
     return read_csv(output)
 
@@ -154,11 +154,11 @@ def test_parquet_output_keeps_column_types_and_nulls(
         tmp_path: Path) -> None:
     from pyspark.sql import functions as F
 
-    source, _ = error_file(image_server, tmp_path / "pairs.csv", "spark-parquet")
+    source, _ = error_file(image_server, tmp_path / "pairs.csv", "spark-parity")
     cli = cli_output(settings, source, tmp_path)
     output = tmp_path / "scored.parquet"
-    run_spark_job(spark, str(source), str(output),
-                  spark_settings(settings, seaweedfs, "parquet"), run_id="parquet")
+    run_spark_job(spark, str(source), str(output),  # the parity test's store: caches warm
+                  spark_settings(settings, seaweedfs, "parity"), run_id="parquet")
 
     scored = spark.read.parquet(str(output))
     assert scored.columns == cli[0]
