@@ -169,9 +169,10 @@ def _worker(settings: Settings) -> Worker:
     cpus = _task_cpus()
     if settings.fetch_processes == 0:  # Spark spreads the work; each task keeps to its cores
         settings = settings.replace(fetch_processes=cpus)
-    import torch
+    if settings.backend == "torch" and not settings.inference_url:
+        import torch
 
-    torch.set_num_threads(cpus)
+        torch.set_num_threads(cpus)
     return Worker(settings)
 
 

@@ -51,6 +51,7 @@ def score_frame(df: DataFrame, url_col: str = "url", caption_col: str = "caption
     _check_free(columns)
     if record and not run_id:
         raise UserError("Recording results needs a run id: pass run_id (--run-id).")
+    _check_model(settings)
     numbered, rows = _numbered(df)
     source = source or FrameSource("a Spark DataFrame")
     job = ScoringJob(settings, tuple(columns), url_col, caption_col,
@@ -67,6 +68,16 @@ def finish_run(settings: Settings, run_id: str, succeeded: bool) -> None:
     """Close a recorded run; its counts come from the table, as for every run."""
     ResultsDB(settings.database_url, settings.db_retry_seconds).finish_run(
         run_id, "succeeded" if succeeded else "failed")
+
+
+def _check_model(settings: Settings) -> None:
+    """A model that cannot be scored stops here in one sentence, before any Spark job (its
+    config and processor are resolved, no weights loaded)."""
+    if settings.inference_url:
+        return
+    from sim_pipeline.stages.embed.families import check_backend
+
+    check_backend(settings.model, settings.backend)
 
 
 def _column(columns: list[str], wanted: str, what: str) -> str:
