@@ -79,14 +79,14 @@ def main() -> None:
     files = two_files(base_url, names, args.pairs, args.images, args.repeated)
     for run_id, pairs in zip(("first", "second"), files, strict=True):
         write_file(work / f"{run_id}.csv", pairs)
-        fetch_csv(work / f"{run_id}.csv", settings.replace(run_id=run_id), progress=False)
+        fetch_csv(work / f"{run_id}.csv", settings, progress=False, run_id=run_id)
     server.shutdown()
     for tower in ("image", "text"):  # loaded once, outside the timings
         load_encoder(settings.model, settings.device, settings.precision, tower)
 
     seconds = {}
     for run_id in ("first", "second"):
-        seconds[run_id], images, captions = inference(settings.replace(run_id=run_id), run_id)
+        seconds[run_id], images, captions = inference(settings, run_id)
         print(f"{run_id:6s} file: inference {seconds[run_id]:6.2f} s, {images} images and "
               f"{captions} captions embedded")
     print(f"second / first inference time: {seconds['second'] / seconds['first']:.1%}")

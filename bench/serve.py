@@ -29,10 +29,9 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import BENCH_DIR, serve_folder, vit_b32_checkpoint, write_images
+from bench.common import BENCH_DIR, free_port, serve_folder, vit_b32_checkpoint, write_images
 from sim_pipeline.core.config import Settings
 from sim_pipeline.runners.pipeline import fetch_csv
-from tests.airflow_helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,8 @@ logical date (``SIM_PIPELINE_NIGHTLY_INPUT``, default ``<store>/incoming/{{ ds }
 when it is missing. Tasks pass only chunk descriptors; images and embeddings stay in the object
 store, scores land in the results table under the Airflow run id, whose status follows the DAG
 run's (a failed run is marked ``failed``). Every stage is the library's
-(``sim_pipeline.runners.dispatch``), imported inside the task: parsing never loads torch.
+(``sim_pipeline.runners.dispatch``), imported inside the task: parsing reads only the stage graph
+(``sim_pipeline.stages.registry``) and never loads torch.
 ``embed_images`` and ``embed_texts`` run in-process, or as one Kubernetes pod per chunk with
 ``SIM_PIPELINE_EXECUTION=kubernetes``. The Airflow glue lives in ``plugins/sim_airflow``.
 """
@@ -28,10 +29,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from airflow.sdk import chain, dag, task, task_group
+from airflow.sdk import dag, task, task_group
 from sim_airflow.options import FETCH, RETRIES, params, schedule
 from sim_airflow.status import mark_run_failed
 from sim_airflow.tasks import LABEL_MACROS, chunk_task, inference_task
+
+from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES, JOIN_SCORE
+from sim_pipeline.stages.registry import CHUNK_STAGES
 
 Chunk = dict[str, Any]
 Counts = dict[str, Any]
@@ -44,19 +48,22 @@ def plan_chunks() -> list[Chunk]:
     return plan_run()
 
 
-fetch_images = chunk_task("fetch-images", **FETCH)
-embed_images = inference_task("embed-images")
-embed_texts = inference_task("embed-texts")
-join_score = chunk_task("join-score")
+CHUNK_TASKS = {FETCH_IMAGES: chunk_task(FETCH_IMAGES, **FETCH),
+               EMBED_IMAGES: inference_task(EMBED_IMAGES),
+               EMBED_TEXTS: inference_task(EMBED_TEXTS),
+               JOIN_SCORE: chunk_task(JOIN_SCORE)}
 
 
 @task_group
 def score_chunk(chunk: Chunk) -> Any:
-    """One chunk through its stages; the texts are embedded beside the image fetch."""
-    scored = join_score(chunk=chunk)
-    chain(fetch_images(chunk=chunk), embed_images(chunk=chunk), scored)
-    embed_texts(chunk=chunk) >> scored
-    return scored
+    """One chunk through its stages, each after the stages it needs (``stages.registry``): the
+    texts are embedded beside the image fetch."""
+    done: dict[str, Any] = {}
+    for stage in CHUNK_STAGES.values():
+        done[stage.name] = CHUNK_TASKS[stage.name](chunk=chunk)
+        for needed in stage.needs:
+            done[needed] >> done[stage.name]
+    return done[JOIN_SCORE]
 
 
 @task

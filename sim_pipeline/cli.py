@@ -11,31 +11,24 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from sim_pipeline.core.config import DEVICES, PRECISIONS, Settings, load_settings, user_settings
+from sim_pipeline.core.config import (
+    DEVICES,
+    PRECISIONS,
+    Settings,
+    api_keys,
+    debug_requested,
+    flag_of,
+    load_settings,
+    run_id_given,
+    user_settings,
+)
 from sim_pipeline.core.errors import UserError
-from sim_pipeline.core.faults import Terminated, debug_requested, known_fault, sigterm_stops
+from sim_pipeline.core.faults import Terminated, known_fault, sigterm_stops
 from sim_pipeline.core.layout import STAGES
 from sim_pipeline.results.cli import register as register_results
 from sim_pipeline.spark.command import register as register_spark
 from sim_pipeline.stages.embed.native_memory import limit_malloc_arenas
 
-SETTING_HELP = {
-    "model": "hub id or folder saved by save_pretrained",
-    "store": "object store: a folder or s3://bucket/prefix",
-    "database_url": "SQLAlchemy URL of the results database",
-    "fetch_timeout": "seconds allowed per image",
-    "run_id": "default: derived from the input's content",
-    "allow_hosts": "host[:port],... exempt from the private-address guard",
-    "fetch_per_host": "at most this many requests to one host at a time",
-    "fetch_retries": "retries after a connection error, 408, 429 or 5xx (with backoff)",
-    "max_pixels": "refuse larger images (width x height) before decoding them",
-    "refetch_errors": "fetch again URLs whose cached fetch failed (after changing limits)",
-    "fetch_processes": "0: one per CPU core, for chunks of 1,000+ URLs",
-    "user_agent": "sent with every image request",
-    "db_retry_seconds": "how long writes retry a results database that stopped answering",
-    "inference_url": "embed through this `sim-pipeline serve` instead of a model in-process",
-    "inference_api_key": "the service's API key, if it asks for one",
-}
 SETTING_CHOICES = {"device": DEVICES, "precision": PRECISIONS}
 
 
@@ -46,26 +39,31 @@ def _settings_flags() -> argparse.ArgumentParser:
                         help="show the traceback of a failure (also SIM_PIPELINE_DEBUG=1)")
     group = parent.add_argument_group("settings (each also read from SIM_PIPELINE_<NAME>)")
     for f in user_settings():
-        flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            group.add_argument(flag, action="store_const", const=True,
-                               help=SETTING_HELP.get(f.name))
+            group.add_argument(flag_of(f.name), action="store_const", const=True,
+                               help=f.metadata["help"])
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        group.add_argument(flag, type=kind, choices=SETTING_CHOICES.get(f.name),
-                           help=SETTING_HELP.get(f.name))
+        group.add_argument(flag_of(f.name), type=kind, choices=SETTING_CHOICES.get(f.name),
+                           help=f.metadata["help"])
     return parent
+
+
+def _add_run_id(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--run-id", help="the run's name in the store and the results table "
+                         "(also SIM_PIPELINE_RUN_ID; default: derived from the input's content)")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     names = {f.name for f in user_settings()}
-    return load_settings({k: v for k, v in vars(args).items() if k in names})
+    return load_settings({k: v for k, v in vars(args).items() if k in names}, flags=True)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from sim_pipeline.runners.pipeline import score_csv
 
-    summary = score_csv(args.input, settings_from(args), args.output, progress=not args.quiet)
+    summary = score_csv(args.input, settings_from(args), args.output, progress=not args.quiet,
+                        run_id=run_id_given(args.run_id))
     print(summary.render())
     return 0
 
@@ -93,16 +91,17 @@ def _add_store(commands: argparse._SubParsersAction, flags: argparse.ArgumentPar
 def cmd_fetch(args: argparse.Namespace) -> int:
     from sim_pipeline.runners.pipeline import fetch_csv
 
-    print(fetch_csv(args.input, settings_from(args), progress=not args.quiet).render_fetch())
+    summary = fetch_csv(args.input, settings_from(args), progress=not args.quiet,
+                        run_id=run_id_given(args.run_id))
+    print(summary.render_fetch())
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from sim_pipeline.runners import dispatch as stages
+    from sim_pipeline.runners import dispatch
 
-    settings = settings_from(args)
-    result = stages.run_stage(args.name, settings, input_path=args.input, chunk=args.chunk,
-                              output=args.output)
+    result = dispatch.stage_by_name(args.name, settings_from(args), run_id_given(args.run_id),
+                                    input_path=args.input, chunk=args.chunk, output=args.output)
     print(json.dumps(result, sort_keys=True))
     return 0
 
@@ -110,14 +109,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from sim_pipeline.serve.options import ServeOptions
     from sim_pipeline.serve.run import serve
-    from sim_pipeline.serve.security import api_keys_from
 
     settings = settings_from(args)
     options = ServeOptions(
         host=args.host, port=args.port, max_batch_size=args.max_batch_size or settings.batch_size,
         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_items=args.max_items,
         max_body_bytes=args.max_body_bytes, drain_seconds=args.drain_seconds,
-        api_keys=api_keys_from())
+        api_keys=api_keys())
     serve(settings, options)
     return 0
 
@@ -154,12 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("input", help="CSV of image URLs and captions")
     score.add_argument("-o", "--output", help="default: <input>_scored.csv beside the input")
     score.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_run_id(score)
     score.set_defaults(handler=cmd_score)
 
     fetch = commands.add_parser("fetch", parents=[flags],
                                 help="plan and fetch only: warm the image cache")
     fetch.add_argument("input", help="CSV of image URLs and captions")
     fetch.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_run_id(fetch)
     fetch.set_defaults(handler=cmd_fetch)
 
     stage = commands.add_parser("stage", parents=[flags], help="run one stage of a run")
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--input", help="the CSV (plan only)")
     stage.add_argument("--chunk", type=int, help="chunk index (per-chunk stages)")
     stage.add_argument("--output", help="scored CSV path (finalize only)")
+    _add_run_id(stage)
     stage.set_defaults(handler=cmd_stage)
 
     _add_serve(commands, flags)

@@ -249,7 +249,7 @@ def test_a_csv_path_that_does_not_exist_fails_at_once_without_retries(runs: Runs
 def test_the_dag_file_parses_fast_without_torch(bag: dict[str, Any]) -> None:
     assert bag["import_errors"] == {} and bag["dags"] == ["similarity_scoring"]
     assert bag["seconds"] < 2.0
-    assert bag["heavy_modules"] == []  # torch, transformers, even sim_pipeline load in tasks
+    assert bag["heavy_modules"] == []  # torch, transformers, the stages load in tasks
 
 
 def test_each_chunk_flows_through_its_own_task_group(bag: dict[str, Any]) -> None:

@@ -41,8 +41,8 @@ def test_readme_lists_every_error_code_as_the_code_table_defines_it() -> None:
 def test_http_codes_are_retried_exactly_for_408_429_and_5xx() -> None:
     retried = {s for s in range(100, 600) if errors.retry_now(errors.http_error(s))}
     assert retried == {408, 429, *range(500, 600)}
-    assert errors.is_transient("timeout") and not errors.retry_now("timeout")
-    assert errors.describe("not_a_code") is None and not errors.is_transient(None)
+    assert errors.retry_next_run("timeout") and not errors.retry_now("timeout")
+    assert errors.describe("not_a_code") is None and not errors.retry_next_run(None)
 
 
 DOCS = README.parent / "docs"

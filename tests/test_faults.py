@@ -22,7 +22,7 @@ from PIL import Image
 
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import EMBED_TEXTS
-from sim_pipeline.runners.lifecycle import CHUNK_STAGES
+from sim_pipeline.stages.registry import CHUNK_STAGES, Stage
 from tests.conftest import ImageServer, Route, make_image
 from tests.pairs import Case, read_csv, serve_good_images, write_cases
 from tests.seaweed import SeaweedFS
@@ -57,19 +57,19 @@ def test_a_database_that_goes_away_mid_run_ends_in_one_sentence_and_the_run_is_m
     run = settings.replace(database_url=through_proxy)
     urls = serve_good_images(image_server, 4, prefix="db-away")
     first = write_cases(tmp_path / "first.csv", [Case(u, "a caption", None) for u in urls])
-    real = CHUNK_STAGES[EMBED_TEXTS]
+    real = CHUNK_STAGES[EMBED_TEXTS].run
 
     def database_goes_away(chunk, store, settings, results):  # noqa: ANN001, ANN202
         proxy.stop()
         return real(chunk, store, settings, results)
 
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, database_goes_away)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, database_goes_away))
     assert score(first, run, "--run-id", "db-away", "--db-retry-seconds", "2") == 2
     line = one_error_line(capsys.readouterr().err)
     assert "stopped answering" in line and "rerun the same command" in line
     assert "postgresql" in line and not (tmp_path / "first_scored.csv").exists()
 
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, real)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, real))
     proxy.start()
     assert run_status(pg_url, "db-away") == "running"  # nobody could tell the database yet
     second = write_cases(tmp_path / "second.csv", [Case(urls[0], "another", None)])
@@ -93,18 +93,18 @@ def test_an_object_store_that_goes_away_mid_run_ends_in_one_sentence(
     urls = serve_good_images(image_server, 3, prefix="s3-away")
     source = write_cases(tmp_path / "pairs.csv", [Case(u, "a caption", None) for u in urls])
     run = settings.replace(store=f"s3://{s3_env.bucket}/away-{tmp_path.name}")
-    real = CHUNK_STAGES[EMBED_TEXTS]
+    real = CHUNK_STAGES[EMBED_TEXTS].run
 
     def store_goes_away(chunk, store, settings, results):  # noqa: ANN001, ANN202
         proxy.stop()
         return real(chunk, store, settings, results)
 
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, store_goes_away)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, store_goes_away))
     assert score(source, run) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "Cannot reach the S3 endpoint" in line
     assert not (tmp_path / "pairs_scored.csv").exists()
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, real)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, real))
     proxy.start()
     assert score(source, run) == 0  # the same command resumes once the store is back
     proxy.stop()

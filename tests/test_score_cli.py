@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sim_pipeline import cli
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import EMBED_TEXTS
-from sim_pipeline.runners.lifecycle import CHUNK_STAGES
+from sim_pipeline.stages.registry import CHUNK_STAGES, Stage
 from tests.conftest import ImageServer
 from tests.pairs import Case, mixed_cases, read_csv, serve_good_images, write_cases
 
@@ -119,14 +119,14 @@ def test_a_crash_halfway_is_completed_by_a_rerun(
     urls = serve_good_images(image_server, 12, prefix="crash")
     source = write_cases(tmp_path / "pairs.csv",
                          [Case(u, f"caption {i}", None) for i, u in enumerate(urls)])
-    real = CHUNK_STAGES[EMBED_TEXTS]
+    real = CHUNK_STAGES[EMBED_TEXTS].run
 
     def crash_on_second_chunk(chunk, store, settings, results):  # noqa: ANN001, ANN202
         if chunk.index == 1:
             raise RuntimeError("simulated crash")
         return real(chunk, store, settings, results)
 
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, crash_on_second_chunk)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, crash_on_second_chunk))
     assert score(source, settings, "--chunk-size", "5") == 1
     assert "unexpected RuntimeError: simulated crash; rerun with --debug" in capsys.readouterr().err
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -134,7 +134,7 @@ def test_a_crash_halfway_is_completed_by_a_rerun(
     assert not (tmp_path / "pairs_scored.csv").exists()
     fetched = image_server.total_requests()
 
-    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, real)
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_TEXTS, Stage(EMBED_TEXTS, real))
     assert score(source, settings, "--chunk-size", "5") == 0
     output = read_csv(tmp_path / "pairs_scored.csv")
     assert len(output) == 13 and all(row[-1] == "" for row in output[1:])

@@ -1,17 +1,17 @@
 """The DAG's Airflow-side knobs, its trigger form, pools and retry policy.
 
 Each knob is the plain environment variable ``SIM_PIPELINE_<NAME>`` of the process that parses the
-DAG file or runs the task, read here and nowhere else; unset or empty means the default. They are
+DAG file or runs the task, read by ``sim_pipeline.core.config`` (the one reader of every
+``SIM_PIPELINE_*`` variable) and interpreted here; unset or empty means the default. They are
 deployment settings, set where Airflow's components are started (the scheduler, dag-processor and
 workers alike), not Airflow Variables: the DAG file reads ``SCHEDULE``, ``EXECUTION`` and ``POD`` at
 parse time, and reading the metadata database or a secrets backend there would slow every parse.
-The DAG file imports this module at parse time, so it imports nothing heavy: no ``sim_pipeline``,
-no torch.
+The DAG file imports this module at parse time, so it imports nothing heavy: of ``sim_pipeline``
+only its configuration reader, no torch.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from datetime import timedelta
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 from airflow.sdk import Param
 
 from sim_airflow.pools import FETCH_POOL, GPU_POOL
+from sim_pipeline.core.config import variable
 
 DEFAULT_SCHEDULE = "0 2 * * *"
 DEFAULT_NIGHTLY_INPUT = "{store}/incoming/{{{{ ds }}}}.csv"
@@ -33,7 +34,7 @@ CHUNK_SIZE_FLOOR, CHUNK_SIZE_CEILING = 100, 100_000
 
 def option(name: str, default: str | None = None) -> str | None:
     """The environment variable ``SIM_PIPELINE_<NAME>``, else ``default`` when unset or empty."""
-    return os.environ.get(f"SIM_PIPELINE_{name}") or default
+    return variable(name) or default
 
 
 def retry_delay() -> timedelta:

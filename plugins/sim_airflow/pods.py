@@ -48,6 +48,8 @@ class PodSettings:
     resources: dict[str, dict[str, str]] = field(default_factory=_resources)
     env: dict[str, str] = field(default_factory=dict)
     startup_timeout_seconds: int = 600
+    # A pod to start from (deploy/kubernetes/airflow/gpu-stage-pod.yaml); the fields above win.
+    pod_template_file: str | None = None
 
     @classmethod
     def from_json(cls, raw: str | None) -> PodSettings:
@@ -74,6 +76,7 @@ class PodSettings:
             "env_vars": [k8s.V1EnvVar(name=k, value=v) for k, v in sorted(self.env.items())],
             "env_from": [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=self.secret))],
             "startup_timeout_seconds": self.startup_timeout_seconds,
+            "pod_template_file": self.pod_template_file,
         }
 
 

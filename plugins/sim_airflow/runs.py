@@ -125,10 +125,10 @@ def count_rows(path: Path, settings: Settings) -> int:
 
 def plan_run() -> list[Chunk]:
     """Plan the run's input into chunks and open the run, keyed by the Airflow run id."""
-    from sim_pipeline.runners import dispatch as stages
+    from sim_pipeline.runners import dispatch
 
     context = get_current_context()
-    settings = task_settings(context["params"], run_id=context["run_id"])
+    settings = task_settings(context["params"])
     location = input_location(context, settings)
     hook = s3_hook() if is_s3(location) else None  # one for the check and the download
     check_input(location, context, hook)
@@ -141,7 +141,8 @@ def plan_run() -> list[Chunk]:
             log.warning("Input %s has %d rows: chunk size grown from %d to %d so the run "
                         "stays within max_map_length=%d mapped tasks.", location, rows,
                         settings.chunk_size, chunk_size, max_map_length())
-        planned = stages.plan(settings.replace(chunk_size=chunk_size), path, source=location)
+        planned = dispatch.plan(settings.replace(chunk_size=chunk_size), path, source=location,
+                                run_id=context["run_id"])
     log.info("Run %s: %d rows of %s in %d chunks of up to %d rows.", planned["run_id"],
              planned["rows"], location, len(planned["chunks"]), chunk_size)
     return planned["chunks"]
@@ -149,13 +150,13 @@ def plan_run() -> list[Chunk]:
 
 def run_stage(stage: str, chunk: Mapping[str, Any]) -> dict[str, Any]:
     """One per-chunk stage (``fetch-images``, ``embed-images``, ...) on the chunk described."""
-    from sim_pipeline.runners import dispatch as stages
+    from sim_pipeline.runners import dispatch
 
-    settings = task_settings(get_current_context()["params"], run_id=chunk["run_id"])
+    settings = task_settings(get_current_context()["params"])
     what = f"{stage}, {chunk_label(chunk)}"
     started = time.monotonic()
     with fail_at_once_when_hopeless(INPUT_FIELD), progress_lines(what):
-        result = stages.chunk_stage(stage, settings, int(chunk["index"]))
+        result = dispatch.chunk_stage(stage, settings, chunk["run_id"], int(chunk["index"]))
     log.info(summary(what, int(chunk["rows"]), time.monotonic() - started, result))
     return result
 
@@ -192,16 +193,16 @@ def check_writable(output: str) -> None:
                                    "field.")
 
 
-def write_output(settings: Settings, output: str) -> dict[str, Any]:
+def write_output(settings: Settings, run_id: str, output: str) -> dict[str, Any]:
     """Finalize to a local path, or to a temporary file uploaded to an s3:// output."""
-    from sim_pipeline.runners import dispatch as stages
+    from sim_pipeline.runners import dispatch
 
     if not is_s3(output):
         check_writable(output)
-        return stages.finalize(settings, output)
+        return dispatch.finalize(settings, run_id, output)
     bucket, key = split_s3(output)
     with tempfile.TemporaryDirectory(prefix="sim-pipeline-output-") as folder:
-        result = stages.finalize(settings, Path(folder) / PurePosixPath(key).name)
+        result = dispatch.finalize(settings, run_id, Path(folder) / PurePosixPath(key).name)
         hook = s3_hook()
         hook.load_file(result["output"], key, bucket, replace=True)
         report_key = str(PurePosixPath(key).with_name(Path(result["report"]).name))
@@ -213,12 +214,12 @@ def finalize_run(scored: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dic
     """Write the scored CSV and close the run; the chunks' counts are summed for the log."""
     context = get_current_context()
     params = context["params"]
-    settings = task_settings(params, run_id=context["run_id"])
+    settings = task_settings(params)
     output = (params.get("output_path") or "").strip() or default_output(
         input_location(context, settings), context["run_id"])
     started = time.monotonic()
     with fail_at_once_when_hopeless(OUTPUT_FIELD):
-        result = write_output(settings, output)
+        result = write_output(settings, context["run_id"], output)
     # Every chunk's counts in one request; a run of one chunk gets that chunk's dict alone.
     counts = [scored] if isinstance(scored, Mapping) else scored[:]
     ok = sum(c["ok"] for c in counts)

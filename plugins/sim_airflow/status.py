@@ -24,7 +24,7 @@ def fail_run(run_id: str) -> None:
     from sim_airflow.settings import task_settings
     from sim_pipeline.runners import dispatch
 
-    dispatch.fail(task_settings({}, run_id=run_id), run_id)
+    dispatch.fail(task_settings({}), run_id)
     log.info("Scoring run %s marked failed in the results database.", run_id)
 
 

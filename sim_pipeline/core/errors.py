@@ -117,7 +117,7 @@ def retry_now(code: str | None) -> bool:
     return entry is not None and entry.retry_now
 
 
-def is_transient(code: str | None) -> bool:
+def retry_next_run(code: str | None) -> bool:
     """Failures worth retrying on a later run (the server may be back by then)."""
     entry = describe(code) if code else None
     return entry is not None and entry.retry_next_run

@@ -9,15 +9,12 @@ processes stop, the run is marked failed, and rerunning the same command resumes
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-
-from sim_pipeline.core.config import TRUE_WORDS
 
 RESUME = "rerun the same command: it resumes where it stopped"
 
@@ -41,10 +38,6 @@ def sigterm_stops() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def debug_requested(flag: bool = False) -> bool:
-    return flag or os.environ.get("SIM_PIPELINE_DEBUG", "").strip().lower() in TRUE_WORDS
 
 
 def known_fault(error: BaseException) -> str | None:

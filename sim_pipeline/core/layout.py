@@ -11,11 +11,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# The stages in pipeline order, by the names the CLI, the runners, the results table and the
-# report use. Per-chunk stages are the ones between the first and the last.
+# The stages' names, in pipeline order, as the CLI, the runners, the results table, the report
+# and the DAG use them; what each per-chunk stage runs and needs is ``stages.registry``'s.
 PLAN, FETCH_IMAGES, EMBED_IMAGES, EMBED_TEXTS, JOIN_SCORE, FINALIZE = STAGES = (
     "plan", "fetch-images", "embed-images", "embed-texts", "join-score", "finalize")
-PER_CHUNK_STAGES = STAGES[1:-1]
 
 
 def sha256_hex(text: str) -> str:

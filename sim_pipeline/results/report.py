@@ -251,7 +251,7 @@ def _error_bars(codes: list[tuple[str, int]], run: RunInfo) -> str:
     peak = codes[0][1]
     retried = ' <span class="note">(retried by the next run)</span>'
     body = "".join(
-        f'<tr><td><code>{_e(code)}</code>{retried if errors.is_transient(code) else ""}</td>'
+        f'<tr><td><code>{_e(code)}</code>{retried if errors.retry_next_run(code) else ""}</td>'
         f'<td class="n">{n:,}</td><td class="n">{n / rows:.1%}</td>'
         f'<td>{_bar(n / peak, "err")}</td></tr>' for code, n in codes)
     return ('<table><tr><th>code</th><th class="n">rows</th><th class="n">share</th><th></th>'

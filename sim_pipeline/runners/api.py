@@ -12,10 +12,11 @@ from itertools import count
 from typing import Any
 
 from sim_pipeline.core.config import Settings, load_settings
-from sim_pipeline.core.layout import PER_CHUNK_STAGES, sha256_hex
+from sim_pipeline.core.layout import sha256_hex
 from sim_pipeline.core.streams import batched
 from sim_pipeline.runners.lifecycle import Run
 from sim_pipeline.stages.plan import InputRow, normalise_row, write_chunks
+from sim_pipeline.stages.registry import CHUNK_STAGES
 from sim_pipeline.stages.score import ScoredRow
 
 Pair = tuple[str, str] | Mapping[str, Any]
@@ -41,7 +42,7 @@ def score_pairs(pairs: Iterable[Pair], settings: Settings | None = None,
         content = json.dumps([[r.row, r.url, r.caption] for r in rows], ensure_ascii=False)
         digest = sha256_hex(content)[:16]
         (chunk,) = write_chunks(run.store, "api", digest, rows, len(rows))
-        for stage in PER_CHUNK_STAGES:
+        for stage in CHUNK_STAGES:
             scored = run.run_stage(stage, chunk)
         yield from scored
 

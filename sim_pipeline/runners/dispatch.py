@@ -2,8 +2,8 @@
 counts): the boundary of the CLI's ``stage`` command, Kubernetes pods and Airflow tasks.
 
 Data never crosses it; it stays in the object store and the results database. Each call goes
-through the run's lifecycle (``lifecycle.Run``), so timings and run status are kept the same way
-as in the in-process runner.
+through the run's lifecycle (``lifecycle.Run``), so timings, repairs and run status are kept the
+same way as in the in-process runner.
 """
 
 from __future__ import annotations
@@ -14,31 +14,36 @@ from typing import Any
 
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
-from sim_pipeline.core.layout import FINALIZE, PER_CHUNK_STAGES, PLAN
+from sim_pipeline.core.layout import FINALIZE, PLAN
 from sim_pipeline.runners.lifecycle import Run
+from sim_pipeline.stages.registry import CHUNK_STAGES
 from sim_pipeline.stages.score import ScoredRow
 
 
-def plan(settings: Settings, input_path: str | Path, source: str | None = None
-         ) -> dict[str, Any]:
+def plan(settings: Settings, input_path: str | Path, source: str | None = None,
+         run_id: str | None = None) -> dict[str, Any]:
     """Split the input into chunks and open the run; the chunks' descriptors come back."""
-    planned = Run.open(settings).plan(input_path, source)
+    planned = Run.open(settings).plan(input_path, source, run_id)
     return {"run_id": planned.run_id, "rows": planned.rows,
             "chunks": [c.to_dict() for c in planned.chunks]}
 
 
-def chunk_stage(stage: str, settings: Settings, index: int) -> dict[str, Any]:
-    """One per-chunk stage on chunk ``index`` of ``settings.run_id``; its counts come back."""
+def chunk_stage(stage: str, settings: Settings, run_id: str | None, index: int
+                ) -> dict[str, Any]:
+    """One per-chunk stage on chunk ``index`` of the run; its counts come back, with the
+    objects it repaired by kind (``repaired``)."""
     run = Run.open(settings)
-    return _counts(run.run_stage(stage, run.chunk(index)))
+    counts = _counts(run.run_stage(stage, run.chunk(run_id, index)))
+    return {**counts, "repaired": dict(run.repaired)}
 
 
-def finalize(settings: Settings, output: str | Path | None = None) -> dict[str, Any]:
+def finalize(settings: Settings, run_id: str | None, output: str | Path | None = None
+             ) -> dict[str, Any]:
     """Write the scored CSV and the report, and close the run as succeeded."""
     run = Run.open(settings)
-    done = run.finalize(run.load_plan(), output)
+    done = run.finalize(run.load_plan(run_id), output)
     return {"run_id": done.run_id, "output": str(done.output), "report": str(done.report),
-            "rows": done.rows}
+            "rows": done.rows, "repaired": dict(run.repaired)}
 
 
 def fail(settings: Settings, run_id: str) -> None:
@@ -56,17 +61,18 @@ def _counts(result: Any) -> dict[str, Any]:
     return dataclasses.asdict(result)
 
 
-def run_stage(name: str, settings: Settings, input_path: str | None = None,
-              chunk: int | None = None, output: str | None = None) -> dict[str, Any]:
+def stage_by_name(name: str, settings: Settings, run_id: str | None = None,
+                  input_path: str | None = None, chunk: int | None = None,
+                  output: str | None = None) -> dict[str, Any]:
     """Any stage by name: what ``sim-pipeline stage NAME`` runs."""
     if name == PLAN:
         if not input_path:
             raise UserError("The plan stage needs --input PATH.")
-        return plan(settings, input_path)
+        return plan(settings, input_path, run_id=run_id)
     if name == FINALIZE:
-        return finalize(settings, output)
-    if name not in PER_CHUNK_STAGES:
-        raise UserError(f"Unknown stage {name!r}: use one of {', '.join(PER_CHUNK_STAGES)}.")
+        return finalize(settings, run_id, output)
+    if name not in CHUNK_STAGES:
+        raise UserError(f"Unknown stage {name!r}: use one of {', '.join(CHUNK_STAGES)}.")
     if chunk is None:
         raise UserError(f"The {name} stage needs --chunk INDEX.")
-    return chunk_stage(name, settings, chunk)
+    return chunk_stage(name, settings, run_id, chunk)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,6 @@ from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import (
-    EMBED_IMAGES,
-    EMBED_TEXTS,
-    FETCH_IMAGES,
     FINALIZE,
     JOIN_SCORE,
     PENDING_FAILURES_KEY,
@@ -46,9 +44,6 @@ from sim_pipeline.core.store import (
 )
 from sim_pipeline.results.db import RUN_LEVEL, ResultsDB
 from sim_pipeline.results.report import report_path, write_report
-from sim_pipeline.stages.embed.images import embed_images_chunk
-from sim_pipeline.stages.embed.texts import embed_texts_chunk
-from sim_pipeline.stages.fetch.chunk import fetch_chunk
 from sim_pipeline.stages.finalize import default_output_path, write_scored_csv
 from sim_pipeline.stages.plan import (
     RunPlan,
@@ -57,23 +52,9 @@ from sim_pipeline.stages.plan import (
     load_plan,
     plan_csv,
 )
-from sim_pipeline.stages.score import join_score_chunk
+from sim_pipeline.stages.registry import CHUNK_STAGES
 
 log = logging.getLogger(__name__)
-ChunkStage = Callable[[ChunkRef, ObjectStore, Settings, "ResultsDB | None"], Any]
-
-# The per-chunk stages, by name: each reads its inputs from the store and writes its output there.
-CHUNK_STAGES: dict[str, ChunkStage] = {
-    FETCH_IMAGES: lambda chunk, store, settings, _: fetch_chunk(chunk, store, settings),
-    EMBED_IMAGES: lambda chunk, store, settings, _: embed_images_chunk(chunk, store, settings),
-    EMBED_TEXTS: lambda chunk, store, settings, _: embed_texts_chunk(chunk, store, settings),
-    JOIN_SCORE: join_score_chunk,
-}
-
-
-# What to run again when a stage's input is missing or damaged.
-UPSTREAM: dict[str, tuple[str, ...]] = {EMBED_IMAGES: (FETCH_IMAGES,),
-                                        JOIN_SCORE: (EMBED_IMAGES, EMBED_TEXTS)}
 
 
 @dataclass(frozen=True)
@@ -88,11 +69,13 @@ class Finished:
 
 @dataclass
 class Run:
-    """A run's settings, object store and results database (None: results are not recorded)."""
+    """A run's settings, object store and results database (None: results are not recorded),
+    and the damaged or missing objects its steps found and recomputed, by kind."""
 
     settings: Settings
     store: ObjectStore
     results: ResultsDB | None
+    repaired: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def open(cls, settings: Settings, record: bool = True) -> Run:
@@ -101,19 +84,22 @@ class Run:
         run.mark_pending_failures()
         return run
 
-    def plan(self, input_path: str | Path, source: str | None = None) -> RunPlan:
+    def plan(self, input_path: str | Path, source: str | None = None,
+             run_id: str | None = None) -> RunPlan:
         """Split the input into chunks and open the run in the results table.
 
         ``source`` is what the run records as its input when ``input_path`` is a local copy of
-        it (an s3:// object downloaded for planning, say).
+        it (an s3:// object downloaded for planning, say); without ``run_id`` the run is named
+        after the input's content.
         """
         started = time.monotonic()
         path = Path(input_path)
         check_input_file(path)
-        run_id = self.settings.run_id or default_run_id(path, self.settings)
+        run_id = run_id or default_run_id(path, self.settings)
         if self.results is not None:
             self.check_model(run_id)
-        plan = plan_csv(path, self.store, self.settings, run_id)
+        with self.counting_repairs():
+            plan = plan_csv(path, self.store, self.settings, run_id)
         if self.results is not None:
             self.results.start_run(plan.run_id, source or str(input_path), self.settings.model,
                                    plan.rows, plan.columns, plan.delimiter)
@@ -140,39 +126,47 @@ class Run:
         write_json(self.store, key, {"model": self.settings.model, "family": family,
                                      "backend": where})
 
-    def load_plan(self, run_id: str | None = None) -> RunPlan:
-        run_id = run_id or self.settings.run_id
-        if run_id is None:
+    def load_plan(self, run_id: str | None) -> RunPlan:
+        if not run_id:
             raise UserError("This stage needs the run id: pass --run-id or SIM_PIPELINE_RUN_ID.")
         return load_plan(self.store, run_id)
 
-    def chunk(self, index: int) -> ChunkRef:
-        chunks = self.load_plan().chunks
+    def chunk(self, run_id: str | None, index: int) -> ChunkRef:
+        chunks = self.load_plan(run_id).chunks
         if not 0 <= index < len(chunks):
-            raise UserError(f"Run {self.settings.run_id} has {len(chunks)} chunks, none "
-                            f"numbered {index}.")
+            raise UserError(f"Run {run_id} has {len(chunks)} chunks, none numbered {index}.")
         return chunks[index]
 
-    def run_stage(self, stage: str, chunk: ChunkRef) -> Any:
+    def run_stage(self, name: str, chunk: ChunkRef) -> Any:
         """One per-chunk stage on one chunk, timed. When an input it reads from the store is
-        missing or damaged, the stages that make that input run again (each redoes only what
-        it finds missing or damaged), then the stage once more."""
-        with self.timed(chunk.run_id, stage, chunk.index):
+        missing or damaged, the stages it needs run again (each redoes only what it finds
+        missing or damaged), then the stage once more."""
+        stage = CHUNK_STAGES[name]
+        with self.timed(chunk.run_id, name, chunk.index), self.counting_repairs():
             try:
-                return CHUNK_STAGES[stage](chunk, self.store, self.settings, self.results)
+                return stage.run(chunk, self.store, self.settings, self.results)
             except (IntegrityError, MissingObject) as damaged:
-                if stage not in UPSTREAM:
+                if not stage.needs:
                     raise
-                repairs.note(f"{stage} input", f"chunk {chunk.index} of {chunk.run_id}",
-                             damaged)
-            for upstream in UPSTREAM[stage]:
-                CHUNK_STAGES[upstream](chunk, self.store, self.settings, self.results)
-            return CHUNK_STAGES[stage](chunk, self.store, self.settings, self.results)
+                repairs.note(f"{name} input", f"chunk {chunk.index} of {chunk.run_id}", damaged)
+            for needed in stage.needs:
+                CHUNK_STAGES[needed].run(chunk, self.store, self.settings, self.results)
+            return stage.run(chunk, self.store, self.settings, self.results)
+
+    @contextmanager
+    def counting_repairs(self) -> Iterator[None]:
+        """Add the block's repairs to the run's, with one warning per kind of object."""
+        with repairs.counted() as found:
+            try:
+                yield
+            finally:
+                self.repaired.update(found)
+                repairs.warn(found)
 
     def finalize(self, plan: RunPlan, output: str | Path | None = None) -> Finished:
         """Write the scored CSV, close the run as succeeded, and write its report beside the CSV."""
         output = output or default_output_path(plan.source)
-        with self.timed(plan.run_id, FINALIZE):
+        with self.timed(plan.run_id, FINALIZE), self.counting_repairs():
             try:
                 path = write_scored_csv(plan, self.store, self.settings, output)
             except (IntegrityError, MissingObject) as damaged:  # no partial file was left

@@ -14,15 +14,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
-from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES, JOIN_SCORE
+from sim_pipeline.core.layout import FETCH_IMAGES, JOIN_SCORE
 from sim_pipeline.results.report import report_path
 from sim_pipeline.runners.lifecycle import Run
 from sim_pipeline.stages.embed.model import release_encoders
 from sim_pipeline.stages.fetch.records import FetchStats
 from sim_pipeline.stages.finalize import default_output_path
 from sim_pipeline.stages.plan import RunPlan, check_input_file
+from sim_pipeline.stages.registry import CHUNK_STAGES
 from sim_pipeline.stages.score import ScoredRow
 
 
@@ -96,42 +96,42 @@ def over_chunks(run: Run, stage: str, plan: RunPlan, progress: bool) -> Iterator
 
 
 def score_csv(source: str | Path, settings: Settings, output: str | Path | None = None,
-              progress: bool = True) -> RunSummary:
+              progress: bool = True, run_id: str | None = None) -> RunSummary:
     """Score a CSV end to end: scored CSV next to it, rows in the results table.
 
-    Stage by stage over all chunks, so only one model tower is in memory at a time.
+    Stage by stage over all chunks (in the registry's order), so only one model tower is in
+    memory at a time.
     """
     started = time.monotonic()
     source = Path(source)
     check_input_file(source)
-    repairs.taken()  # this run's repairs only
     run = Run.open(settings)
-    plan = run.plan(source)
+    plan = run.plan(source, run_id=run_id)
     summary = RunSummary(plan.run_id, Path(output or default_output_path(source)),
                          run.results.shown_url)  # type: ignore[union-attr]
     try:
-        for fetched in over_chunks(run, FETCH_IMAGES, plan, progress):
-            summary.fetch.add(fetched)
-        for stage in (EMBED_IMAGES, EMBED_TEXTS):
-            for _ in over_chunks(run, stage, plan, progress):
-                pass
+        for stage in CHUNK_STAGES:
+            for result in over_chunks(run, stage, plan, progress):
+                if stage == FETCH_IMAGES:
+                    summary.fetch.add(result)
+                elif stage == JOIN_SCORE:
+                    summary.add(result)
             release_encoders()
-        for scored in over_chunks(run, JOIN_SCORE, plan, progress):
-            summary.add(scored)
         run.finalize(plan, summary.output)
     except BaseException:
         run.fail(plan.run_id)
         raise
-    summary.repaired = repairs.taken()
+    summary.repaired = run.repaired
     summary.seconds = time.monotonic() - started
     return summary
 
 
-def fetch_csv(source: str | Path, settings: Settings, progress: bool = True) -> RunSummary:
+def fetch_csv(source: str | Path, settings: Settings, progress: bool = True,
+              run_id: str | None = None) -> RunSummary:
     """Plan and fetch only: warms the image cache ahead of a GPU window; writes no results."""
     started = time.monotonic()
     run = Run.open(settings, record=False)
-    plan = run.plan(source)
+    plan = run.plan(source, run_id=run_id)
     summary = RunSummary(plan.run_id, default_output_path(source), "none", rows=plan.rows)
     for fetched in over_chunks(run, FETCH_IMAGES, plan, progress):
         summary.fetch.add(fetched)

@@ -16,8 +16,11 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from swagger_ui_bundle import swagger_ui_path
 
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
@@ -37,7 +40,7 @@ from sim_pipeline.serve.models import (
     ScoreResponse,
 )
 from sim_pipeline.serve.options import ServeOptions
-from sim_pipeline.serve.security import ApiKeyMiddleware
+from sim_pipeline.serve.security import DOCS_ASSETS, ApiKeyMiddleware
 from sim_pipeline.serve.service import BadInput, NotReady, Service, Unavailable, VectorOrCode
 
 T = TypeVar("T")
@@ -141,10 +144,12 @@ def create_app(settings: Settings, options: ServeOptions,
         await service.stop()
 
     app = FastAPI(title="sim-pipeline", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,  # /docs is served offline, below
                   summary="Caption-image similarity, online: the batch pipeline's fetch guard, "
                           "caches and model behind HTTP.")
     app.state.service = service
     _add_routes(app, service, metrics, options)
+    _add_offline_docs(app)
     _add_error_answers(app)
     app.add_middleware(BodyLimitMiddleware, limit=options.max_body_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=options.api_keys)
@@ -212,6 +217,32 @@ def _add_routes(app: FastAPI, service: Service, metrics: ServeMetrics,
     async def prometheus() -> Response:
         """Prometheus text format; docs/service.md lists the metrics."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_offline_docs(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI's files from the installed ``swagger-ui-bundle`` package.
+
+    FastAPI's default page loads them from a public CDN, so it renders blank on a cluster
+    without internet; this is FastAPI's documented self-hosting, with the files from a pinned
+    package instead of a copy in the repository. The validator badge is off: it would call
+    validator.swagger.io.
+    """
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}", title=f"{app.title} - API",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png",
+            oauth2_redirect_url=f"{root}/docs/oauth2-redirect",
+            swagger_ui_parameters={"validatorUrl": None})
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def oauth2_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
 
 
 def _embed_response(service: Service, values: list[VectorOrCode],

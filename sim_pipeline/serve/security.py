@@ -1,6 +1,6 @@
 """API keys: who may call the service when it listens beyond 127.0.0.1.
 
-Keys come from ``SIM_PIPELINE_API_KEYS`` (comma-separated) and are read here, not into
+Keys come from ``SIM_PIPELINE_API_KEYS`` (comma-separated; ``core.config.api_keys``), not from
 ``Settings``: settings travel to pods and Airflow tasks and appear in reprs; keys must not. A caller
 sends ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. Every configured key is compared in
 constant time (``hmac.compare_digest``), so timing tells nothing about how much of a key matched.
@@ -10,20 +10,14 @@ Probes and the API description stay open: load balancers and browsers cannot alw
 from __future__ import annotations
 
 import hmac
-import os
 from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sim_pipeline.serve.limits import refuse
 
-API_KEYS_VARIABLE = "SIM_PIPELINE_API_KEYS"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
-
-
-def api_keys_from(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    environ = os.environ if environ is None else environ
-    return tuple(k.strip() for k in environ.get(API_KEYS_VARIABLE, "").split(",") if k.strip())
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's JavaScript and CSS, open like /docs itself
 
 
 def key_matches(offered: str, keys: tuple[str, ...]) -> bool:
@@ -32,6 +26,10 @@ def key_matches(offered: str, keys: tuple[str, ...]) -> bool:
     for key in keys:
         found |= hmac.compare_digest(offered.encode(), key.encode())
     return found
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(f"{DOCS_ASSETS}/")
 
 
 def offered_key(headers: Mapping[str, str]) -> str:
@@ -48,7 +46,7 @@ class ApiKeyMiddleware:
         self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

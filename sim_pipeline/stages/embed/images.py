@@ -47,6 +47,7 @@ DECODE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 def prefetched(work: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """``map(work, items)`` on a thread pool, in order, at most ``workers + 1`` results ahead."""
+    work = repairs.carried(work)
     with ThreadPoolExecutor(workers) as pool:
         pending: deque[Any] = deque()
         for item in items:

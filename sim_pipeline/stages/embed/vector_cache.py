@@ -64,7 +64,7 @@ class VectorCache:
         """The cached vectors among ``hashes``; missing ones are simply absent."""
         hashes = list(hashes)
         with ThreadPoolExecutor(IO_THREADS) as pool:
-            found = pool.map(self._read, hashes)
+            found = pool.map(repairs.carried(self._read), hashes)
             return {h: v for h, v in zip(hashes, found, strict=True) if v is not None}
 
     def put_many(self, vectors: Mapping[str, np.ndarray]) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import image_key, image_meta_key
 from sim_pipeline.core.store import ObjectStore
@@ -60,7 +61,7 @@ async def _uncached(urls: dict[str, str], store: ObjectStore, refetch_errors: bo
     def check(part: list[tuple[str, str]]) -> list[tuple[str, str]]:
         return [(h, u) for h, u in part if needs_fetch(store, h, refetch_errors)]
 
-    parts = await asyncio.gather(*(loop.run_in_executor(io, check, part)
+    parts = await asyncio.gather(*(loop.run_in_executor(io, repairs.carried(check), part)
                                    for part in batched(items, batch)))
     return dict(pair for part in parts for pair in part)
 

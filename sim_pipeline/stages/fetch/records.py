@@ -111,7 +111,7 @@ def cached_record(store: ObjectStore, url_hash: str, refetch_errors: bool = Fals
         repairs.note("image record", store.uri(image_meta_key(url_hash)), damaged)
         return None
     error = record.get("error")
-    if errors.is_transient(error) or (refetch_errors and error is not None):
+    if errors.retry_next_run(error) or (refetch_errors and error is not None):
         return None
     return record
 

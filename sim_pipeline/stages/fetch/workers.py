@@ -22,10 +22,12 @@ import os
 import pickle
 import signal
 import threading
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection
 
+from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.store import ObjectStore
 from sim_pipeline.stages.fetch.loop import fetch_urls
@@ -82,7 +84,7 @@ def run(jobs: list[Job]) -> list[FetchStats]:
     executor = _POOL.executor(len(jobs))
     futures = [executor.submit(_fetch_job, pickle.dumps(job)) for job in jobs]
     try:
-        return [future.result() for future in futures]
+        done = [future.result() for future in futures]
     except BrokenProcessPool:
         _POOL.close(stop_running=True)
         raise RuntimeError("a fetch worker process died before finishing its share of the "
@@ -90,6 +92,9 @@ def run(jobs: list[Job]) -> list[FetchStats]:
     except BaseException:
         _POOL.close(stop_running=True)
         raise
+    for _, repaired in done:
+        repairs.add(repaired)  # into the tally of the step that ran the jobs
+    return [stats for stats, _ in done]
 
 
 def stop_all() -> None:
@@ -97,11 +102,14 @@ def stop_all() -> None:
     _POOL.close(stop_running=True)
 
 
-def _fetch_job(job: bytes) -> FetchStats:
+def _fetch_job(job: bytes) -> tuple[FetchStats, Counter[str]]:
     """Unpickled here, not by the pool: opening the store can fail (an unreachable S3
-    endpoint), and that is the job's error to report, not a reason for the worker to die."""
+    endpoint), and that is the job's error to report, not a reason for the worker to die.
+    The repairs the job made come back with its statistics."""
     urls, store, settings = pickle.loads(job)
-    return asyncio.run(fetch_urls(urls, store, settings))
+    with repairs.counted() as repaired:
+        stats = asyncio.run(fetch_urls(urls, store, settings))
+    return stats, repaired
 
 
 def _start_worker(lifeline: Connection) -> None:
