@@ -23,11 +23,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sim_pipeline.core.config import Settings
-from sim_pipeline.core.layout import PER_CHUNK_STAGES, sha256_hex
+from sim_pipeline.core.layout import sha256_hex
 from sim_pipeline.core.store import write_json
 from sim_pipeline.results.db import ResultsDB
 from sim_pipeline.runners.lifecycle import Run
 from sim_pipeline.stages.plan import CsvRow, InputRow, normalise_csv_rows, write_chunks
+from sim_pipeline.stages.registry import CHUNK_STAGES
 from sim_pipeline.stages.score import ScoredRow, table_row
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ def _score_chunk(worker: Worker, job: ScoringJob, rows: list[InputRow]) -> list[
     digest = sha256_hex(content)[:16]
     (chunk,) = write_chunks(worker.run.store, job.chunk_run_id, digest, rows, len(rows))
     scored: list[ScoredRow] = []
-    for stage in PER_CHUNK_STAGES:
+    for stage in CHUNK_STAGES:
         scored = worker.run.run_stage(stage, chunk)
     return scored
 
