@@ -261,3 +261,13 @@ def test_a_missing_java_runtime_is_named_in_one_sentence(monkeypatch: pytest.Mon
 
     with pytest.raises(UserError, match="^Spark needs a Java runtime"):
         spark_session("local[1]")
+
+
+def test_the_command_refuses_a_missing_input_before_starting_spark(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sim_pipeline.cli import main
+
+    missing = tmp_path / "missing.csv"
+    assert main(["spark", str(missing), str(tmp_path / "out.parquet")]) == 2
+    assert capsys.readouterr().err == f"sim-pipeline: error: Input {missing} does not exist.\n"
+    assert not (tmp_path / "out.parquet").exists()

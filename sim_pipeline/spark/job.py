@@ -43,12 +43,17 @@ def spark_path(location: str) -> str:
     return "s3a://" + location[len("s3://"):] if location.startswith("s3://") else location
 
 
+def check_local_input(location: str) -> None:
+    """A local input that is not there is refused at once, before Spark starts."""
+    if "://" not in location and not Path(location).exists():
+        raise UserError(f"Input {location} does not exist.")
+
+
 def read_input(spark: SparkSession, location: str) -> tuple[DataFrame, FrameSource]:
     """The input as a frame of text columns, read with the CLI's CSV rules: a header row,
     quoted fields with line breaks and doubled quotes, a row with more fields than the header
     kept whole beside the row (it becomes ``malformed_row``)."""
-    if "://" not in location and not Path(location).exists():
-        raise UserError(f"Input {location} does not exist.")
+    check_local_input(location)
     suffix = Path(location.rstrip("/")).suffix.lower()
     path = spark_path(location)
     if suffix not in CSV_SUFFIXES:
