@@ -2,7 +2,9 @@
 
 Prints images/s for both at the same precision, their ratio (goal >= 0.8: decoding and
 preprocessing must hide behind the model), texts/s padded to the longest vs to 77 tokens, and the
-cosine of each precision's embeddings against fp32's. Random ViT-B/32 weights: speed only.
+cosine of each precision's embeddings against fp32's; with ``--onnx``, each ONNX backend's speed
+beside its score error against fp32 (int8's bound: goal < 0.002).
+Random ViT-B/32 weights: speed only.
 
     .venv/bin/python bench/embed.py [--images 256] [--batch-size 32]
 """
@@ -24,6 +26,7 @@ from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import ChunkRef, image_key, image_meta_key, model_tag, sha256_hex
 from sim_pipeline.core.store import LocalStore, write_json
 from sim_pipeline.stages.decode import decode_image
+from sim_pipeline.stages.embed.doctor import cpu_line
 from sim_pipeline.stages.embed.images import embed_images_chunk
 from sim_pipeline.stages.embed.model import load_encoder, resolve_precision
 from sim_pipeline.stages.embed.sets import load_embedding_set
@@ -115,21 +118,29 @@ def compare(device: str, count: int, batch_size: int, rounds: int,
 def compare_onnx(count: int, batch_size: int, reference: np.ndarray,
                  torch_rates: dict[str, float]) -> None:
     """The ONNX Runtime backends' embed stage (export cached first) against torch's: speed-up
-    over each torch precision's embed stage, and cosine against torch fp32 vectors."""
+    over each torch precision's embed stage, cosine against torch fp32 vectors, and the score
+    error: ``|similarity - fp32 similarity|`` over every image x caption pair (max, p99)."""
+    from sim_pipeline.stages.embed.onnx_backend import load_onnx_encoder
+
     model = str(vit_b32_checkpoint())
     store, chunk = stage_store(count)
+    captions = [f"a photo of scene number {i} with " + "some colourful shapes " * (i % 4)
+                for i in range(count)]
+    fp32_texts = load_encoder(model, "cpu", "fp32", "text").encode_texts(captions)
+    exact = reference @ fp32_texts.T
     for backend in ("onnx", "onnx-int8"):
         settings = Settings(model=model, device="cpu", backend=backend, batch_size=batch_size,
                             store=str(store.root))
-        from sim_pipeline.stages.embed.onnx_backend import load_onnx_encoder
-
         load_onnx_encoder(model, backend, "image", settings.store)  # export once, untimed
         rate, vectors = embed_stage(settings, store, chunk)
+        texts = load_onnx_encoder(model, backend, "text", settings.store).encode_texts(captions)
         cosine = np.sum(vectors * reference, axis=1)
+        error = np.abs(vectors @ texts.T - exact).ravel() / 2  # similarity = (cosine + 1) / 2
         speedups = ", ".join(f"x{rate / torch_rate:.2f} torch {precision}"
                              for precision, torch_rate in torch_rates.items())
         print(f"cpu {backend}: embed stage {rate:6.1f} images/s ({speedups}) | cosine vs torch "
-              f"fp32 min {cosine.min():.6f}")
+              f"fp32 min {cosine.min():.6f} | |similarity - fp32| max {error.max():.5f} "
+              f"p99 {np.quantile(error, 0.99):.5f} over {error.size} pairs")
 
 
 def compare_texts(device: str, precision: str, count: int = 256) -> None:
@@ -152,6 +163,7 @@ def main() -> None:
     parser.add_argument("--onnx", action="store_true", help="also the ONNX Runtime backends")
     args = parser.parse_args()
     default = resolve_precision("auto", "cpu")
+    print(cpu_line())
     print(f"torch threads {torch.get_num_threads()}, {args.images} images 640x480, "
           f"batch {args.batch_size}, default precision here: {default}")
     vectors, rates = compare("cpu", args.images, args.batch_size, args.rounds, [default, "fp32"])

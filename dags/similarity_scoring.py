@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import dag, task, task_group
+from sim_airflow.assets import OUTLETS
 from sim_airflow.options import FETCH, RETRIES, params, schedule
 from sim_airflow.status import mark_run_failed
 from sim_airflow.tasks import LABEL_MACROS, chunk_task, inference_task
@@ -66,7 +67,7 @@ def score_chunk(chunk: Chunk) -> Any:
     return done[JOIN_SCORE]
 
 
-@task
+@task(outlets=OUTLETS)  # the results table and the scored CSV: score_drift runs on them
 def finalize(scored: list[Counts]) -> Counts:
     from sim_airflow.runs import finalize_run
 

@@ -59,10 +59,23 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings({k: v for k, v in vars(args).items() if k in names}, flags=True)
 
 
+def checked_input(args: argparse.Namespace) -> Settings:
+    """The settings, once the input's shape is checked: a file that cannot be planned is
+    refused in a second, before the pipeline (database, model) is even imported."""
+    from pathlib import Path
+
+    from sim_pipeline.stages.plan import check_input
+
+    settings = settings_from(args)
+    check_input(Path(args.input), settings)
+    return settings
+
+
 def cmd_score(args: argparse.Namespace) -> int:
+    settings = checked_input(args)
     from sim_pipeline.runners.pipeline import score_csv
 
-    summary = score_csv(args.input, settings_from(args), args.output, progress=not args.quiet,
+    summary = score_csv(args.input, settings, args.output, progress=not args.quiet,
                         run_id=run_id_given(args.run_id))
     print(summary.render())
     return 0
@@ -89,9 +102,10 @@ def _add_store(commands: argparse._SubParsersAction, flags: argparse.ArgumentPar
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
+    settings = checked_input(args)
     from sim_pipeline.runners.pipeline import fetch_csv
 
-    summary = fetch_csv(args.input, settings_from(args), progress=not args.quiet,
+    summary = fetch_csv(args.input, settings, progress=not args.quiet,
                         run_id=run_id_given(args.run_id))
     print(summary.render_fetch())
     return 0
@@ -117,6 +131,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes, drain_seconds=args.drain_seconds,
         api_keys=api_keys())
     serve(settings, options)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from sim_pipeline.stages.embed.doctor import report
+
+    print(report(settings_from(args), args.images))
     return 0
 
 
@@ -169,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--output", help="scored CSV path (finalize only)")
     _add_run_id(stage)
     stage.set_defaults(handler=cmd_stage)
+
+    doctor = commands.add_parser("doctor", parents=[flags], help="measure each precision and "
+                                 "backend on this machine: images/s, cosine vs fp32")
+    doctor.add_argument("--images", type=int, default=64, help="images to embed per option")
+    doctor.set_defaults(handler=cmd_doctor)
 
     _add_serve(commands, flags)
     _add_store(commands, flags)

@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
     ("bench.gpu", ["--images", "6", "--batch-size", "4", "--rounds", "1"], "stage/bare"),
     ("bench.embed", ["--images", "6", "--batch-size", "4", "--rounds", "1", "--onnx"],
      "cpu onnx-int8: embed stage"),
-    ("bench.end_to_end", ["--pairs", "12", "--images", "8"], "warm / cold"),
+    ("bench.end_to_end", ["--pairs", "12", "--images", "8"], "cold / bare compute"),
     ("bench.airflow", ["--pairs", "200", "--images", "20", "--chunk-size", "100"], "airflow / cli"),
     ("bench.cache", ["--pairs", "20", "--images", "20"], "second / first inference time"),
     ("bench.memory", ["--small", "20", "--large", "60", "--images", "5"], "large / small"),
     ("bench.hostile_images", ["--counts", "1", "3", "--side", "1500"], "most / fewest images"),
+    ("bench.refusals", ["--rounds", "1"], "/ start-up"),
 ])
 def test_benchmark_script_runs(tmp_path: Path, module: str, args: list[str], expect: str) -> None:
     env = {**os.environ, "SIM_BENCH_DIR": str(tmp_path), "SIM_BENCH_MODEL_SHAPE": "tiny"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,9 +100,31 @@ def test_a_fully_cached_rerun_imports_neither_torch_nor_transformers(
              "--allow-hosts", settings.allow_hosts, "--quiet"]
     probe = ("import sys; from sim_pipeline.cli import main; code = main(sys.argv[1:]); "
              "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe, "score", str(source), *flags],
-                          capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "0 False False"
+    for run_id in ([], ["--run-id", "a-new-run"]):  # the same run again, and a new run
+        done = subprocess.run([sys.executable, "-c", probe, "score", str(source), *flags,
+                               *run_id], capture_output=True, text=True, check=True)
+        assert done.stdout.strip().splitlines()[-1] == "0 False False", run_id
+
+
+def test_a_changed_checkpoint_is_checked_again(tmp_path: Path, tiny_model: Path) -> None:
+    """The remembered model check is keyed by the checkpoint's files: a broken processor saved
+    over a checked checkpoint is refused in one sentence, not trusted from the memo."""
+    from sim_pipeline.core.errors import UserError
+    from sim_pipeline.core.store import LocalStore
+    from sim_pipeline.stages.embed.families import checked_family, resolve_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    store = LocalStore(tmp_path / "store")
+    assert checked_family(str(model), "torch", store) == "CLIP"
+    assert len(list((tmp_path / "store" / "model-checks").iterdir())) == 1
+    assert checked_family(str(model), "torch", store) == "CLIP"
+    (model / "processor_config.json").unlink()
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer_config.json").unlink()
+    resolve_model.cache_clear()
+    with pytest.raises(UserError, match="Could not load|no image processor"):
+        checked_family(str(model), "torch", store)
 
 
 @pytest.mark.parametrize(("backend", "min_cosine"), [("onnx", 0.99999), ("onnx-int8", 0.99)])
@@ -117,4 +140,5 @@ def test_onnx_backends_match_torch_fp32(tmp_path: Path, tiny_model: Path, backen
         reference = encode(load_encoder(str(tiny_model), "cpu", "fp32", tower))
         exported = encode(load_onnx_encoder(str(tiny_model), backend, tower, store))
         assert np.sum(reference * exported, axis=1).min() >= min_cosine, tower
-    assert len(list((tmp_path / "store" / "onnx").rglob("*.onnx"))) == 2, "exports are cached"
+    exports = {"onnx": 2, "onnx-int8": 4}[backend]  # int8 keeps the fp32 export beside it
+    assert len(list((tmp_path / "store" / "onnx").rglob("*.onnx"))) == exports, "cached"

@@ -8,11 +8,13 @@ that reason), and a CLI killed with SIGTERM or SIGKILL while its fetch worker pr
 from __future__ import annotations
 
 import io
+import logging
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from sim_pipeline.core.config import Settings
-from sim_pipeline.core.layout import EMBED_TEXTS
+from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES
 from sim_pipeline.stages.registry import CHUNK_STAGES, Stage
 from tests.conftest import ImageServer, Route, make_image
 from tests.pairs import Case, read_csv, serve_good_images, write_cases
@@ -79,6 +81,46 @@ def test_a_database_that_goes_away_mid_run_ends_in_one_sentence_and_the_run_is_m
     assert score(first, run, "--run-id", "db-away") == 0  # and a rerun resumes
     assert run_status(pg_url, "db-away") == "succeeded"
     assert len(read_csv(tmp_path / "first_scored.csv")) == 5
+    proxy.stop()
+
+
+def test_a_database_outage_during_fetch_costs_no_timing_and_asks_for_no_rerun(
+        tmp_path: Path, settings: Settings, image_server: ImageServer, pg_url: str,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The database is away when the fetch stage's time is recorded and back before the run
+    ends: the run succeeds with every row, keeps that time and records it later, and tells the
+    user nothing about rerunning."""
+    pg_port = sa.make_url(pg_url).port
+    proxy = PortProxy(pg_port)
+    proxy.start()
+    run = settings.replace(database_url=pg_url.replace(f"127.0.0.1:{pg_port}",
+                                                       f"127.0.0.1:{proxy.port}"))
+    urls = serve_good_images(image_server, 3, prefix="db-blip")
+    source = write_cases(tmp_path / "pairs.csv", [Case(u, "a caption", None) for u in urls])
+    fetch, embed = CHUNK_STAGES[FETCH_IMAGES], CHUNK_STAGES[EMBED_IMAGES]
+
+    def database_goes_away(chunk, store, settings, results):  # noqa: ANN001, ANN202
+        proxy.stop()
+        return fetch.run(chunk, store, settings, results)
+
+    def database_comes_back(chunk, store, settings, results):  # noqa: ANN001, ANN202
+        proxy.start()
+        return embed.run(chunk, store, settings, results)
+
+    monkeypatch.setitem(CHUNK_STAGES, FETCH_IMAGES, replace(fetch, run=database_goes_away))
+    monkeypatch.setitem(CHUNK_STAGES, EMBED_IMAGES, replace(embed, run=database_comes_back))
+    with caplog.at_level(logging.WARNING):
+        assert score(source, run, "--run-id", "db-blip", "--db-retry-seconds", "1") == 0
+    said = capsys.readouterr().err + caplog.text
+    assert "rerun" not in said and "Could not record" not in said
+    assert len(read_csv(tmp_path / "pairs_scored.csv")) == 4  # the header and every row
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        stages = set(conn.execute(sa.text("SELECT stage FROM stage_timings WHERE run_id = "
+                                          "'db-blip'")).scalars())
+    engine.dispose()
+    assert FETCH_IMAGES in stages, "the time taken during the outage was recorded later"
     proxy.stop()
 
 

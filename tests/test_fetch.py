@@ -13,6 +13,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -25,7 +26,7 @@ from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import ChunkRef, image_key
 from sim_pipeline.core.store import LocalStore, S3Options, S3Store, read_json
 from sim_pipeline.stages.decode import DecodeFailed, decode_image
-from sim_pipeline.stages.fetch import workers
+from sim_pipeline.stages.fetch import guard, workers
 from sim_pipeline.stages.fetch.chunk import fetch_all, fetch_chunk, fetch_processes
 from sim_pipeline.stages.fetch.download import Downloader, Outcome
 from sim_pipeline.stages.plan import normalise_row, write_chunks
@@ -277,6 +278,9 @@ def test_urls_with_credentials_are_never_sent(
     ("data:image/png;base64,iVBORw0KGgo=", errors.UNSUPPORTED_SCHEME),
     ("http://nowhere.test/x.jpg", errors.DNS_ERROR), ("http://999.0.0.1/x.jpg",
                                                       errors.INVALID_URL),
+    ("http://127.0.0.1:99999/x.jpg", errors.INVALID_URL),
+    ("http://127.0.0.1:-1/x.jpg", errors.INVALID_URL),
+    ("http://127.0.0.1:0/x.jpg", errors.INVALID_URL),
 ])
 def test_other_schemes_and_bad_hosts_get_their_codes(
         canary: Origin, fetch_settings: Settings, url: str, code: str) -> None:
@@ -474,6 +478,28 @@ def test_https_connects_to_the_checked_address_but_verifies_the_host_name(
             assert server.total() == 0 and len(server.server_names) == 1, "never retried"
     finally:
         server.close()
+
+
+def test_https_to_a_server_that_never_answers_the_handshake_is_a_tls_error_at_once(
+        canary: Origin, fetch_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain-HTTP server that waits for a request line never answers a ClientHello: that is
+    ``tls_error`` within the handshake bound, not ``timeout`` after the fetch deadline."""
+    monkeypatch.setattr(guard, "TLS_HANDSHAKE_SECONDS", 0.5)
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    try:
+        settings = fetch_settings.replace(allow_hosts=f"127.0.0.1:{port}", fetch_timeout=30.0)
+        started = time.monotonic()
+        record = fetch_one(f"https://127.0.0.1:{port}/x.jpg", settings)
+        assert record["error"] == errors.TLS_ERROR
+        assert time.monotonic() - started < 5, "not the 30 s fetch deadline"
+        assert len(accepted) == 1, "one handshake, never retried"
+    finally:
+        for conn in accepted:
+            conn.close()
+        silent.close()
 
 
 def test_a_store_error_in_a_fetch_process_is_raised_and_the_next_chunk_still_runs(

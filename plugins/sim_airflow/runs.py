@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import Context, get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from sim_airflow.assets import emit_scored
 from sim_airflow.failures import INPUT_FIELD, OUTPUT_FIELD, fail_at_once_when_hopeless
 from sim_airflow.options import nightly_input
 from sim_airflow.progress import progress_lines, summary
@@ -220,6 +221,7 @@ def finalize_run(scored: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dic
     started = time.monotonic()
     with fail_at_once_when_hopeless(OUTPUT_FIELD):
         result = write_output(settings, context["run_id"], output)
+    emit_scored(context, settings, result)  # score_drift is scheduled on it
     # Every chunk's counts in one request; a run of one chunk gets that chunk's dict alone.
     counts = [scored] if isinstance(scored, Mapping) else scored[:]
     ok = sum(c["ok"] for c in counts)

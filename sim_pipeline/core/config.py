@@ -68,6 +68,18 @@ class Settings:
                                  "model in-process")
     inference_api_key: str = setting("", "the service's API key, if it asks for one",
                                      repr=False)
+    # Drift between runs (`results drift`, the report, the score_drift DAG): docs/results.md.
+    canary_csv: str = setting("", "CSV of canary pairs scored with every run; a canary whose "
+                              "score moves means the model or preprocessing changed")
+    drift_reference: str = setting("", "run compared with when the input has no earlier "
+                                   "succeeded run")
+    drift_cutoff: float = setting(0.6, "drift compares the share of scores above this")
+    drift_psi_watch: float = setting(0.1, "PSI at which drift says watch")
+    drift_psi_alert: float = setting(0.25, "PSI at which drift alerts")
+    drift_wasserstein_alert: float = setting(0.1, "Wasserstein distance over the reference's "
+                                             "std at which drift alerts")
+    drift_error_points_alert: float = setting(5.0, "drift alerts when an error code's share of "
+                                              "rows rises by this many points")
     # Given by code (an Airflow connection), never by a flag or env var: boto3 reads its own.
     s3: S3Options | None = field(default=None, repr=False, metadata={"internal": True})
 
@@ -93,6 +105,10 @@ class Settings:
             raise SettingError("database_url", _masked(self.database_url),
                                "is not a database URL (dialect://...)")
         _check_allow_hosts(self.allow_hosts)
+        for name in ("drift_psi_watch", "drift_psi_alert", "drift_wasserstein_alert",
+                     "drift_error_points_alert"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, getattr(self, name), "must be zero or a positive number")
 
     @property
     def variant(self) -> str:

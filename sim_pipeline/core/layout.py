@@ -34,6 +34,15 @@ def image_meta_key(url_hash: str) -> str:
     return f"{image_key(url_hash)}.json"
 
 
+# Fetch leases: a run downloading a URL holds its lease, so a concurrent run waits for the result
+# instead of downloading it too (``stages/fetch/leases.py``).
+LEASES_PREFIX = "leases"
+
+
+def image_lease_key(url_hash: str) -> str:
+    return f"{LEASES_PREFIX}/images/{url_hash[:2]}/{url_hash}"
+
+
 def plan_prefix(run_id: str, input_digest: str) -> str:
     """A run's plan lives under its input's digest: a changed input never meets stale chunks."""
     return f"runs/{run_id}/{input_digest}"

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.files import is_stale_temp, temp_name
 
 SHA256_XATTR = "user.sim_pipeline.sha256"
 
@@ -44,7 +45,9 @@ class ObjectStore(Protocol):
     def write_bytes(self, key: str, data: bytes, sha256: str | None = None) -> None: ...
     def create_bytes(self, key: str, data: bytes, sha256: str | None = None) -> bool: ...
     def delete(self, key: str) -> None: ...
-    def list_keys(self) -> Iterator[str]: ...
+    def list_keys(self, prefix: str = "") -> Iterator[str]: ...
+    def stale_temporaries(self) -> Iterator[str]: ...
+    def remove_temporary(self, location: str) -> None: ...
     def uri(self, key: str) -> str: ...
 
 
@@ -157,14 +160,28 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))
 
-    def list_keys(self) -> Iterator[str]:
-        """Every key, in sorted order; temp files skipped."""
-        for folder, subfolders, files in os.walk(self._root):
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        """Every key (under the folder ``prefix``), in sorted order; temp files skipped."""
+        top = self._path(prefix.strip("/")) if prefix.strip("/") else self._root
+        for folder, subfolders, files in os.walk(top):
             subfolders.sort()
             relative = os.path.relpath(folder, self._root).replace(os.sep, "/")
             for name in sorted(files):
                 if not name.startswith("."):
                     yield name if relative == "." else f"{relative}/{name}"
+
+    def stale_temporaries(self) -> Iterator[str]:
+        """Temporary files whose writer was killed mid-write (see ``core.files``): debris."""
+        for folder, subfolders, files in os.walk(self._root):
+            subfolders.sort()
+            for name in sorted(files):
+                if name.startswith(".") and is_stale_temp(path := os.path.join(folder, name)):
+                    yield path
+
+    def remove_temporary(self, location: str) -> None:
+        if os.path.commonpath([self._root, location]) == self._root:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(location)
 
     def _write_temp(self, key: str, data: bytes, sha256: str | None) -> tuple[str, str]:
         path = self._path(key)
@@ -172,7 +189,7 @@ class LocalStore:
         if folder not in self._folders:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
-        tmp = os.path.join(folder, f".{name}.{os.getpid()}-{next(self._serial)}.tmp")
+        tmp = os.path.join(folder, temp_name(name, next(self._serial)))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileNotFoundError:  # the folder was removed behind our back (a prune): remake it
@@ -327,14 +344,21 @@ class S3Store:
     def delete(self, key: str) -> None:
         self._call("delete_object", Bucket=self.bucket, Key=self._key(key))
 
-    def list_keys(self) -> Iterator[str]:
-        """Every key, in S3's (sorted) order."""
+    def list_keys(self, prefix: str = "") -> Iterator[str]:
+        """Every key (under ``prefix``), in S3's (sorted) order."""
         start = len(self._key(""))
         pages = self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=self._key(""))
+            Bucket=self.bucket, Prefix=self._key(prefix))
         for page in pages:
             for item in page.get("Contents", []):
                 yield item["Key"][start:]
+
+    def stale_temporaries(self) -> Iterator[str]:
+        """None: a PUT is whole or absent, so S3 holds no temporaries."""
+        return iter(())
+
+    def remove_temporary(self, location: str) -> None:
+        raise ValueError(f"S3 holds no temporary objects: {location}")
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

@@ -20,6 +20,7 @@ from sim_pipeline.core import errors
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NUMBER = re.compile(r"^(0[xX][0-9a-fA-F]*|[0-9]+)$")
 MAX_HOST_CHARS = 253  # the longest name DNS can carry (RFC 1035), trailing dot not counted
+MAX_PORT = 65535  # TCP ports are 1-65535; httpx reads any digits (``:99999``, ``:-1``) as a port
 
 
 class UnknownHost(Exception):
@@ -100,8 +101,9 @@ def url_problem(url: str | httpx.URL) -> str | None:
     """The code for a URL we refuse before any network use, or None when it may be fetched.
 
     Any exception while reading the URL (an IDNA label over 63 characters, a bad port, a bracket
-    left open) makes it ``invalid_url``, as does a host name no resolver accepts (a label over 63
-    characters, an empty label, more than 253 characters): no URL can crash a run.
+    left open) makes it ``invalid_url``, as do a port no TCP connection can use (0, negative,
+    above 65535) and a host name no resolver accepts (a label over 63 characters, an empty label,
+    more than 253 characters): no URL can crash a run.
     """
     if isinstance(url, str) and (not url or any(c.isspace() or ord(c) < 32 for c in url)):
         return errors.INVALID_URL
@@ -109,10 +111,10 @@ def url_problem(url: str | httpx.URL) -> str | None:
         parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
         scheme, host = parsed.scheme, parsed.raw_host.decode("ascii")
         has_credentials = bool(parsed.userinfo)
-        parsed.port  # noqa: B018 - reading it validates it
+        port = parsed.port
     except (httpx.InvalidURL, UnicodeError, ValueError, TypeError):
         return errors.INVALID_URL
-    if not scheme:
+    if not scheme or (port is not None and not 0 < port <= MAX_PORT):
         return errors.INVALID_URL
     if scheme not in ("http", "https"):
         return errors.UNSUPPORTED_SCHEME

@@ -7,9 +7,11 @@
     results prune --older-than 90d        delete old runs (a dry run unless --yes)
     results report RUN_ID -o FILE.html    a one-page HTML report
     results compare RUN_A RUN_B           how far two runs agree: correlations, shared rows
+    results drift RUN [--against RUN]     did the scores move: PSI, KS, Wasserstein, error shares
 
 Exit status: 0 done, 1 a query that found nothing, 2 a problem the user can fix (unknown run,
-unreachable database; one sentence on stderr). The database URL is shown without its password.
+unreachable database; one sentence on stderr), 3 a drift alert. The database URL is shown without
+its password.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from sim_pipeline.core.config import load_settings
 if TYPE_CHECKING:
     from sim_pipeline.results.compare import Comparison, Disagreement
     from sim_pipeline.results.db import ResultsDB
+    from sim_pipeline.results.drift import Drift
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 UNITS = {"s": "seconds", "m": "minutes", "min": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -139,6 +142,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--top", type=percent, default=10.0, metavar="K%",
                          help="compare each run's top K%% of the matched rows (default 10%%)")
     compare.set_defaults(handler=cmd_compare)
+
+    drift = sub.add_parser("drift", parents=[common],
+                           help="did the run's scores move against a reference run (exit 3 on "
+                                "an alert): PSI, KS, Wasserstein, error shares, canaries")
+    drift.add_argument("run", metavar="RUN_ID")
+    drift.add_argument("--against", metavar="RUN_ID",
+                       help="the reference run (default: the previous succeeded run of the same "
+                            "input name, else SIM_PIPELINE_DRIFT_REFERENCE)")
+    drift.add_argument("--json", action="store_true", help="the same figures as JSON")
+    drift.set_defaults(handler=cmd_drift)
 
 
 def _db(args: argparse.Namespace) -> ResultsDB:
@@ -368,3 +381,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("\n" + (_disagreement_table(found.disagreements) if found.disagreements
                   else "every matched row has the same rank in both runs"))
     return 0
+
+
+def _drift_lines(found: Drift) -> list[str]:
+    """The verdict line, then the figures, then each error code's share in both runs."""
+    from sim_pipeline.results.drift import shown, shown_pvalue
+
+    limits = found.thresholds
+    figures = [
+        ["psi", shown(found.psi), f"watch {limits.psi_watch:g}, alert {limits.psi_alert:g}"],
+        ["ks statistic", shown(found.ks_statistic), ""],
+        ["ks p-value", shown_pvalue(found.ks_pvalue), ""],
+        ["wasserstein / std", shown(found.wasserstein), f"alert {limits.wasserstein_alert:g}"],
+        [f"share > {found.cutoff:g}", f"{shown(found.against_share_above, 3)} -> "
+                                      f"{shown(found.share_above, 3)}", ""],
+        ["scored rows", f"{found.against_scored_rows:,} -> {found.scored_rows:,}", ""],
+    ]
+    figures += [[f"error {code}", f"{before:.1%} -> {now:.1%}",
+                 f"alert +{limits.error_points_alert:g} points"]
+                for code, (now, before) in found.error_shares.items()]
+    canaries = "none scored (SIM_PIPELINE_CANARY_CSV)" if found.canaries is None \
+        else found.canaries.sentence()
+    return [found.headline(), "",
+            table(["FIGURE", "VALUE (REFERENCE -> RUN)", "THRESHOLD"], figures, numeric=(1,)),
+            "", f"canaries  {canaries}"]
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    import json
+
+    from sim_pipeline.results.db import ResultsDB
+    from sim_pipeline.results.drift import drift_of_run
+
+    settings = load_settings({"database_url": args.database_url})
+    found = drift_of_run(ResultsDB(settings.database_url), args.run, settings, args.against)
+    if args.json:
+        print(json.dumps(found.to_json(), indent=2, sort_keys=True))
+    else:
+        print("\n".join(_drift_lines(found)))
+    return found.exit_status

@@ -50,6 +50,8 @@ scoring_runs = sa.Table(
     sa.Column("rows_ok", sa.BigInteger), sa.Column("rows_error", sa.BigInteger),
     sa.Column("input_columns", sa.Text), sa.Column("input_delimiter", sa.Text),
     sa.Column("updated_at", sa.DateTime(timezone=True)),
+    sa.Column("error_bound_pairs", sa.Integer), sa.Column("error_bound_max", sa.Float),
+    sa.Column("error_bound_p99", sa.Float),
 )
 similarity_scores = sa.Table(
     "similarity_scores", metadata,
@@ -72,6 +74,30 @@ stage_timings = sa.Table(
 latest_similarity_scores = sa.Table(  # view (migration 002): newest row per url, caption, model
     "latest_similarity_scores", sa.MetaData(),
     *(sa.Column(c.name, c.type) for c in similarity_scores.columns if c.name != "input_fields"),
+)
+
+# Drift (migration 004): each comparison of a run with a reference run, and the canary pairs
+# scored with each run (results.drift, results.canaries).
+score_drift = sa.Table(
+    "score_drift", metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("against_run_id", sa.Text, primary_key=True),
+    sa.Column("verdict", sa.Text), sa.Column("reasons", sa.Text),
+    sa.Column("psi", sa.Float), sa.Column("ks_statistic", sa.Float),
+    sa.Column("ks_pvalue", sa.Float), sa.Column("wasserstein", sa.Float),
+    sa.Column("cutoff", sa.Float), sa.Column("share_above", sa.Float),
+    sa.Column("against_share_above", sa.Float), sa.Column("scored_rows", sa.BigInteger),
+    sa.Column("against_scored_rows", sa.BigInteger), sa.Column("error_shares", sa.Text),
+    sa.Column("canaries", sa.Text), sa.Column("computed_at", sa.DateTime(timezone=True)),
+)
+canary_scores = sa.Table(
+    "canary_scores", metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("row_number", sa.BigInteger, primary_key=True),
+    sa.Column("image_url", sa.Text), sa.Column("caption", sa.Text),
+    sa.Column("similarity", sa.Float), sa.Column("error", sa.Text),
+    sa.Column("model", sa.Text), sa.Column("model_precision", sa.Text),
+    sa.Column("model_backend", sa.Text),
 )
 
 SCORE_COLUMNS = [c.name for c in similarity_scores.columns]
@@ -393,6 +419,14 @@ class ResultsDB:
                                            "seconds": round(seconds, 3), "finished_at": now}])
             conn.execute(scoring_runs.update().where(scoring_runs.c.run_id == run_id)
                          .values(updated_at=now))
+
+    @_retried
+    def record_error_bound(self, run_id: str, pairs: int, largest: float, p99: float) -> None:
+        """Keep a quantised run's measured ``|similarity - fp32|`` on its run record."""
+        with self.engine.begin() as conn:
+            conn.execute(scoring_runs.update().where(scoring_runs.c.run_id == run_id).values(
+                error_bound_pairs=pairs, error_bound_max=largest, error_bound_p99=p99,
+                updated_at=_now()))
 
 
 @functools.lru_cache(maxsize=8)

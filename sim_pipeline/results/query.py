@@ -22,7 +22,9 @@ from sim_pipeline.core.layout import STAGES
 from sim_pipeline.results.db import (
     RUN_LEVEL,
     ResultsDB,
+    canary_scores,
     latest_similarity_scores,
+    score_drift,
     scoring_runs,
     similarity_scores,
     stage_timings,
@@ -274,12 +276,15 @@ def prunable_runs(db: ResultsDB, older_than: timedelta,
 
 
 def delete_runs(db: ResultsDB, run_ids: Sequence[str]) -> int:
-    """Delete runs with their rows and timings, one transaction per run; returns rows deleted."""
+    """Delete runs with their rows, timings, canaries and drift comparisons, one transaction per
+    run; returns rows deleted."""
     deleted = 0
     for run_id in run_ids:
         with db.engine.begin() as conn:
             deleted += conn.execute(similarity_scores.delete()
                                     .where(scores.run_id == run_id)).rowcount
             conn.execute(stage_timings.delete().where(stage_timings.c.run_id == run_id))
+            conn.execute(canary_scores.delete().where(canary_scores.c.run_id == run_id))
+            conn.execute(score_drift.delete().where(score_drift.c.run_id == run_id))
             conn.execute(scoring_runs.delete().where(runs.run_id == run_id))
     return deleted

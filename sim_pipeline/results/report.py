@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from sim_pipeline.core import errors
@@ -37,6 +37,9 @@ from sim_pipeline.results.query import (
     stage_times,
 )
 
+if TYPE_CHECKING:
+    from sim_pipeline.results.drift import Drift
+
 HOST_SAMPLE = 5000      # image records read at most for the hosts section (an even sample)
 HOST_PROBE = 50         # records read before deciding the store keeps no fetch times
 UNIT = 10_000           # similarities have 4 decimals: counts are kept per 0.0001
@@ -54,17 +57,28 @@ def write_report(run_id: str, settings: Settings, path: str | Path, *,
     Reads the results database of ``settings.database_url`` and, for the slowest hosts, the
     image records of ``settings.store``. Raises ``UserError`` for an unknown run.
     """
-    page = render_report(ResultsDB(settings.database_url), run_id, settings.store, settings.s3,
-                         stale_after=stale_after)
+    db = ResultsDB(settings.database_url)
+    page = render_report(db, run_id, settings.store, settings.s3, stale_after=stale_after,
+                         drift=_drift(db, run_id, settings))
     with atomic_text(path) as handle:
         handle.write(page)
     return Path(path)
 
 
+def _drift(db: ResultsDB, run_id: str, settings: Settings) -> Drift | str:
+    """The run's drift against its reference (recorded), or why there is none."""
+    from sim_pipeline.results.drift import drift_of_run  # scipy: only when a report is written
+
+    try:
+        return drift_of_run(db, run_id, settings)
+    except UserError as error:
+        return str(error)
+
+
 def render_report(db: ResultsDB, run_id: str, store: str | None, s3: S3Options | None = None,
                   *,
                   stale_after: timedelta = DEFAULT_STALE_AFTER,
-                  now: datetime | None = None) -> str:
+                  now: datetime | None = None, drift: Drift | str | None = None) -> str:
     now = now or now_utc()
     run = get_run(db, run_id)
     counts = similarity_counts(db, run_id)
@@ -79,6 +93,8 @@ def render_report(db: ResultsDB, run_id: str, store: str | None, s3: S3Options |
         + "</div>",
         _section("Slowest hosts", _hosts(db, run_id, store, s3)),
     ]
+    if drift is not None:
+        sections.insert(2, _section("Drift", _drift_section(drift)))
     title = f"sim-pipeline run {run.run_id}"
     return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
@@ -346,3 +362,72 @@ def _hosts(db: ResultsDB, run_id: str, store_location: str | None,
     return ('<table><tr><th>host</th><th class="n">images</th><th class="n">mean fetch</th>'
             f'<th class="n">slowest</th><th class="n">failed</th></tr>{body}</table>'
             f'<p class="note">{timed:,} fetch times read from the image records{sample}.</p>')
+
+
+DRIFT_COLOURS = {"run": "#4c78a8", "against": "#f58518"}
+
+
+def _overlaid(histogram: dict[str, list[float]], run_id: str, against_id: str) -> str:
+    """Both runs' score histograms on one chart, as shares of each run's scored rows."""
+    edges = histogram.get("edges")
+    if not edges:
+        return '<p class="note">Neither run has a scored row.</p>'
+    shares = {name: [n / (sum(histogram[name]) or 1) for n in histogram[name]]
+              for name in DRIFT_COLOURS}
+    w, h, left, bottom, top = 900, 200, 44, 26, 10
+    plot_w, plot_h = w - left - 10, h - bottom - top
+    peak, step = max(max(v) for v in shares.values()) or 1.0, plot_w / len(edges[:-1])
+    parts = [f'<svg viewBox="0 0 {w} {h}" width="100%" role="img" '
+             f'aria-label="Score histograms of both runs, overlaid">']
+    for name, colour in DRIFT_COLOURS.items():
+        for i, share in enumerate(shares[name]):
+            bar = plot_h * share / peak
+            parts.append(f'<rect x="{left + i * step + 1:.1f}" y="{top + plot_h - bar:.1f}" '
+                         f'width="{max(step - 2, 1):.1f}" height="{bar:.1f}" fill="{colour}" '
+                         f'fill-opacity="0.5"><title>{_e(name)}: {edges[i]:.4f} to '
+                         f'{edges[i + 1]:.4f}: {share:.1%}</title></rect>')
+    every = max(1, len(edges) // 8)
+    for i in range(0, len(edges), every):
+        parts.append(f'<text x="{left + i * step:.1f}" y="{h - 8}" text-anchor="middle">'
+                     f'{edges[i]:.4g}</text>')
+    parts.append("</svg>")
+    legend = " &middot; ".join(
+        f'<span style="color:{colour}">&#9632;</span> {_e(label)}' for colour, label in
+        ((DRIFT_COLOURS["run"], f"this run ({run_id})"),
+         (DRIFT_COLOURS["against"], f"reference ({against_id})")))
+    return "".join(parts) + f'<p class="note">{legend}; bars are shares of scored rows.</p>'
+
+
+def _drift_section(drift: Drift | str) -> str:
+    """The verdict line first, then both histograms overlaid, the figures, the canaries."""
+    from sim_pipeline.results.drift import shown, shown_pvalue
+
+    if isinstance(drift, str):
+        return f'<p class="note">No drift figures: {_e(drift)}</p>'
+    limits = drift.thresholds
+    figures = [
+        ("PSI (10 bins at the reference's deciles)", shown(drift.psi),
+         f"watch {limits.psi_watch:g}, alert {limits.psi_alert:g}"),
+        ("Kolmogorov-Smirnov D", shown(drift.ks_statistic), ""),
+        ("Kolmogorov-Smirnov p-value", shown_pvalue(drift.ks_pvalue), ""),
+        ("Wasserstein / reference std", shown(drift.wasserstein),
+         f"alert {limits.wasserstein_alert:g}"),
+        (f"share above {drift.cutoff:g}", f"{shown(drift.against_share_above, 3)} -> "
+                                          f"{shown(drift.share_above, 3)}", ""),
+        ("scored rows", f"{drift.against_scored_rows:,} -> {drift.scored_rows:,}", ""),
+    ] + [(f"error {code}", f"{before:.1%} -> {now:.1%}",
+          f"alert at +{limits.error_points_alert:g} points")
+         for code, (now, before) in drift.error_shares.items()]
+    body = "".join(f'<tr><td>{_e(name)}</td><td class="n">{_e(value)}</td>'
+                   f'<td class="note">{_e(limit)}</td></tr>' for name, value, limit in figures)
+    canaries = ("No canary pairs (set SIM_PIPELINE_CANARY_CSV to score some with every run)."
+                if drift.canaries is None else drift.canaries.sentence())
+    return (f'<p><span class="pill {_e(DRIFT_PILLS[drift.verdict])}">{_e(drift.verdict)}</span> '
+            f'{_e(drift.headline())}</p>'
+            + _overlaid(drift.histogram, drift.run_id, drift.against_run_id)
+            + '<table><tr><th>figure</th><th class="n">value (reference -&gt; this run)</th>'
+              f'<th>threshold</th></tr>{body}</table>'
+            + f'<p class="note">Canaries: {_e(canaries)}</p>')
+
+
+DRIFT_PILLS = {"stable": "succeeded", "watch": "stale", "alert": "failed"}

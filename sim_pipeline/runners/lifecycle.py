@@ -44,10 +44,12 @@ from sim_pipeline.core.store import (
 )
 from sim_pipeline.results.db import RUN_LEVEL, ResultsDB
 from sim_pipeline.results.report import report_path, write_report
+from sim_pipeline.runners.store_verify import remove_debris
+from sim_pipeline.stages.embed.error_bound import ErrorBound, measure_error_bound
 from sim_pipeline.stages.finalize import default_output_path, write_scored_csv
 from sim_pipeline.stages.plan import (
     RunPlan,
-    check_input_file,
+    check_input,
     default_run_id,
     load_plan,
     plan_csv,
@@ -65,6 +67,7 @@ class Finished:
     output: Path
     report: Path
     rows: int
+    error_bound: ErrorBound | None = None  # quantised backends: measured against fp32
 
 
 @dataclass
@@ -76,6 +79,9 @@ class Run:
     store: ObjectStore
     results: ResultsDB | None
     repaired: Counter[str] = field(default_factory=Counter)
+    # Stage timings the database did not take when they were measured (it was away): tried
+    # again with the next timing and when the run finishes. (run_id, stage, chunk, seconds)
+    unrecorded: list[tuple[str, str, int, float]] = field(default_factory=list)
 
     @classmethod
     def open(cls, settings: Settings, record: bool = True) -> Run:
@@ -94,7 +100,7 @@ class Run:
         """
         started = time.monotonic()
         path = Path(input_path)
-        check_input_file(path)
+        check_input(path, self.settings)  # before the model check: a bad input fails in a second
         run_id = run_id or default_run_id(path, self.settings)
         if self.results is not None:
             self.check_model(run_id)
@@ -120,9 +126,9 @@ class Run:
                 client.text_vectors(["a model check"])
             family = "served"
         else:
-            from sim_pipeline.stages.embed.families import check_backend
+            from sim_pipeline.stages.embed.families import checked_family
 
-            family = check_backend(self.settings.model, self.settings.backend).family.name
+            family = checked_family(self.settings.model, self.settings.backend, self.store)
         write_json(self.store, key, {"model": self.settings.model, "family": family,
                                      "backend": where})
 
@@ -175,10 +181,19 @@ class Run:
                     self.run_stage(JOIN_SCORE, chunk)
                 path = write_scored_csv(plan, self.store, self.settings, output)
         report = report_path(path)
+        bound = measure_error_bound(plan.chunks, self.store, self.settings)
         if self.results is not None:
+            if bound is not None:
+                self.results.record_error_bound(plan.run_id, bound.pairs, bound.largest,
+                                                bound.p99)
+            self.record_unrecorded(final=True)
+            from sim_pipeline.runners.canaries import score_canaries  # imports the API: late
+
+            score_canaries(plan.run_id, self.settings, self.results)
             self.results.finish_run(plan.run_id, "succeeded")
             write_report(plan.run_id, self.settings, report)
-        return Finished(plan.run_id, path, report, plan.rows)
+        remove_debris(self.store)  # what earlier, killed attempts left: a clean exit leaves none
+        return Finished(plan.run_id, path, report, plan.rows, bound)
 
     def fail(self, run_id: str) -> None:
         """Mark the run failed. When the failure is the database's own, remember it in the store
@@ -216,11 +231,23 @@ class Run:
         self.record(run_id, stage, chunk, time.monotonic() - started)
 
     def record(self, run_id: str, stage: str, chunk: int, seconds: float) -> None:
-        """Keep a stage's time; best effort: timings must never fail the work they measure."""
+        """Keep a stage's time; best effort: timings must never fail the work they measure. One
+        the database does not take now is kept and tried again later (``record_unrecorded``)."""
         if self.results is None:
             return
+        self.unrecorded.append((run_id, stage, chunk, seconds))
+        self.record_unrecorded()
+
+    def record_unrecorded(self, final: bool = False) -> None:
+        """Record the kept timings; when the run finishes (``final``) and the database still
+        does not take them, say once that the report lacks them: the scores are whole."""
         try:
-            self.results.record_stage(run_id, stage, chunk, seconds)
+            while self.unrecorded:
+                self.results.record_stage(*self.unrecorded[0])  # type: ignore[union-attr]
+                self.unrecorded.pop(0)
         except (UserError, sa.exc.SQLAlchemyError) as error:
-            log.warning("Could not record how long %s took: %s", stage,
-                        str(error).splitlines()[0])
+            log.debug("Stage timing not recorded yet: %s", str(error).splitlines()[0])
+            if final:
+                stages = sorted({stage for _, stage, _, _ in self.unrecorded})
+                log.warning("The run's report lacks the time of %s: the results database did "
+                            "not take it; the scores are complete.", ", ".join(stages))

@@ -187,6 +187,14 @@ def check_input_file(path: Path) -> None:
         raise UserError(f"Input file {path} is not a CSV file: {reason}.")
 
 
+def check_input(path: Path, settings: Settings) -> None:
+    """Refuse, in one sentence, an input that cannot be planned (no CSV text, no header row, no
+    URL or caption column) from its first lines, before any model, network or database work."""
+    rows = read_rows(path, settings)[3]
+    next(rows, None)  # the first row; closing the reader then closes the file
+    rows.close()
+
+
 def not_text(head: bytes) -> str | None:
     """Why the first bytes of a file cannot start a UTF-8 CSV, or None when they can.
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.store import IntegrityError, ObjectStore, read_json, write_json
 
 UNBOUNDED = 1_000_000  # a tokenizer's model_max_length above this means "not set"
 
@@ -120,3 +123,50 @@ def check_backend(name: str, backend: str) -> Resolved:
                         f"{name!r} is a {resolved.family.name} checkpoint: use "
                         "SIM_PIPELINE_BACKEND=torch.")
     return resolved
+
+
+def checkpoint_folder(name: str) -> Path | None:
+    """The local folder holding ``name``'s files: the folder itself, or its snapshot in the
+    hub cache; None when neither is on this machine. No transformers import."""
+    if (Path(name) / "config.json").is_file():
+        return Path(name)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a hub id either (a folder that does not exist, say)
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def checkpoint_fingerprint(name: str) -> str | None:
+    """A digest of every file of the checkpoint's folder (name, size, modification time): it
+    changes whenever a file is added, replaced or edited. None when the folder is not local."""
+    folder = checkpoint_folder(name)
+    if folder is None:
+        return None
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                      .encode())
+    return digest.hexdigest()
+
+
+def checked_family(name: str, backend: str, store: ObjectStore) -> str:
+    """The family's name once ``check_backend`` passed, remembered in ``store`` per checkpoint
+    fingerprint and backend: a later run of an unchanged local checkpoint is checked without
+    importing transformers or torch, so a fully cached run stays cheap."""
+    fingerprint = checkpoint_fingerprint(name)
+    key = f"model-checks/{fingerprint}-{backend}.json" if fingerprint else None
+    if key is not None and store.exists(key):
+        try:
+            return str(read_json(store, key)["family"])
+        except (KeyError, IntegrityError, TypeError):
+            pass  # damaged: check again and rewrite it
+    family = check_backend(name, backend).family.name
+    if key is not None:
+        write_json(store, key, {"model": name, "backend": backend, "family": family})
+    return family

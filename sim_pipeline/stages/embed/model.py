@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sim_pipeline.core.errors import UserError
-from sim_pipeline.stages.embed.families import Family, resolve_model
+from sim_pipeline.stages.embed.families import Family, checkpoint_folder, resolve_model
 from sim_pipeline.stages.embed.native_memory import (
     checkpoint_mappings,
     drop_mapped_pages,
@@ -114,16 +114,10 @@ def resolve_precision(precision: str, device: str, width: int | None = None) -> 
 def model_width(model_name: str) -> int | None:
     """The narrower tower's hidden size, from the checkpoint's ``config.json`` read as plain
     JSON (a folder, or the local hub cache): no transformers import. None when unknown."""
-    path = Path(model_name) / "config.json"
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        cached = try_to_load_from_cache(model_name, "config.json")
-        if not isinstance(cached, str):
-            return None
-        path = Path(cached)
+    folder = checkpoint_folder(model_name)
+    if folder is None:
+        return None
+    path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
         widths = [int(config[side]["hidden_size"]) for side in ("vision_config", "text_config")

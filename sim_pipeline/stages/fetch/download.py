@@ -31,7 +31,13 @@ from sim_pipeline.core import errors
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.urls import UnknownHost, parse_allowlist, url_problem
 from sim_pipeline.stages.fetch.connections import Connections
-from sim_pipeline.stages.fetch.guard import AddressGuard, BlockedAddress, GuardedBackend, Resolver
+from sim_pipeline.stages.fetch.guard import (
+    AddressGuard,
+    BlockedAddress,
+    GuardedBackend,
+    Resolver,
+    TlsHandshakeFailed,
+)
 
 MAX_REDIRECTS = 5
 MAX_RETRY_AFTER = 30.0  # seconds; a server asking for longer is left to a later run
@@ -230,10 +236,11 @@ class Downloader:
 
 
 def _from_tls(error: BaseException) -> bool:
-    """A failed TLS handshake or certificate check: retrying would not change it."""
+    """A failed TLS handshake or certificate check, or a peer that never answered the handshake
+    (no TLS server): retrying would not change it."""
     seen: BaseException | None = error
     while seen is not None:
-        if isinstance(seen, ssl.SSLError):
+        if isinstance(seen, ssl.SSLError | TlsHandshakeFailed):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpcore
 
@@ -37,6 +39,10 @@ _NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 # Shared address space (carrier NAT) and IETF protocol assignments, whatever Python's lists say.
 _IPV4_NOT_PUBLIC = (ipaddress.IPv4Network("100.64.0.0/10"), ipaddress.IPv4Network("192.0.0.0/24"))
 DNS_CACHE_SECONDS = 60.0
+# A TLS handshake is a few round trips. A peer that accepts the connection and then says nothing
+# to a ClientHello is no TLS server (a plain-HTTP one waiting for a request line, say): that is
+# ``tls_error`` within this bound, not ``timeout`` after the whole fetch deadline.
+TLS_HANDSHAKE_SECONDS = 5.0
 
 
 class BlockedAddress(Exception):
@@ -137,6 +143,37 @@ class AddressGuard:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+class TlsHandshakeFailed(httpcore.ConnectError):
+    """The peer did not complete a TLS handshake within ``TLS_HANDSHAKE_SECONDS``."""
+
+
+class _HandshakeBound(httpcore.AsyncNetworkStream):
+    """A TCP stream whose TLS handshake is bounded by ``TLS_HANDSHAKE_SECONDS``."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        bound = min(timeout or TLS_HANDSHAKE_SECONDS, TLS_HANDSHAKE_SECONDS)
+        try:
+            return await self._inner.start_tls(ssl_context, server_hostname, bound)
+        except httpcore.ConnectTimeout:
+            raise TlsHandshakeFailed(f"no TLS handshake within {bound:g} s") from None
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend, connecting only to addresses the guard has checked."""
 
@@ -152,9 +189,9 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
         for ip in addresses:
             try:
-                return await self._inner.connect_tcp(
+                return _HandshakeBound(await self._inner.connect_tcp(
                     str(ip), port, timeout=timeout, local_address=local_address,
-                    socket_options=socket_options)
+                    socket_options=socket_options))
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
                 failure = error
         assert failure is not None  # addresses is never empty

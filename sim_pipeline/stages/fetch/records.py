@@ -110,10 +110,22 @@ def cached_record(store: ObjectStore, url_hash: str, refetch_errors: bool = Fals
     except IntegrityError as damaged:
         repairs.note("image record", store.uri(image_meta_key(url_hash)), damaged)
         return None
+    return record if _usable(record, refetch_errors) else None
+
+
+def _usable(record: dict[str, Any], refetch_errors: bool) -> bool:
+    """Not a failure worth retrying."""
     error = record.get("error")
-    if errors.retry_next_run(error) or (refetch_errors and error is not None):
-        return None
-    return record
+    return not (errors.retry_next_run(error) or (refetch_errors and error is not None))
+
+
+def fetched_meanwhile(store: ObjectStore, url_hash: str, refetch_errors: bool = False) -> bool:
+    """Whether a usable record is there now, after ``cached_record`` found none: another run
+    stored it since. Read quietly: a damaged record was noted when this run first looked."""
+    try:
+        return _usable(read_json(store, image_meta_key(url_hash)), refetch_errors)
+    except (MissingObject, IntegrityError):
+        return False
 
 
 def needs_fetch(store: ObjectStore, url_hash: str, refetch_errors: bool = False) -> bool:
