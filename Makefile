@@ -13,7 +13,9 @@ ALL_STAMP   := $(VENV)/.installed-all
 
 .PHONY: setup run test lint random-model demo clean
 
+# pyspark (the spark extra) needs a Java runtime: the one on PATH or JAVA_HOME; else one sentence.
 setup: $(ALL_STAMP)
+	@$(BIN)/python -c "from sim_pipeline.spark.session import java_problem; print(java_problem() or '', end='')"
 
 # torch first and pinned (constraints.txt): a looser requirement would pull a multi-GB CUDA build.
 $(BASE_STAMP): $(PINS)
@@ -34,7 +36,7 @@ $(VOCAB_STAMP): $(BASE_STAMP)
 
 # Tests: every extra.
 $(ALL_STAMP): $(BASE_STAMP) $(VOCAB_STAMP) pyproject.toml
-	$(BIN)/pip install --quiet -c $(PINS) -e '.[s3,onnx,serve,airflow,dev]'
+	$(BIN)/pip install --quiet -c $(PINS) -e '.[s3,onnx,serve,airflow,spark,dev]'
 	touch $@
 
 run: $(RUN_STAMP)
