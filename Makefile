@@ -13,7 +13,9 @@ ALL_STAMP   := $(VENV)/.installed-all
 
 .PHONY: setup run test lint random-model demo clean
 
+# pyspark (the spark extra) needs a Java runtime: the one on PATH or JAVA_HOME; else one sentence.
 setup: $(ALL_STAMP)
+	@$(BIN)/python -c "from sim_pipeline.spark.session import java_problem; print(java_problem() or '', end='')"
 
 # torch first and pinned (constraints.txt): a looser requirement would pull a multi-GB CUDA build.
 $(BASE_STAMP): $(PINS)
@@ -34,7 +36,7 @@ $(VOCAB_STAMP): $(BASE_STAMP)
 
 # Tests: every extra.
 $(ALL_STAMP): $(BASE_STAMP) $(VOCAB_STAMP) pyproject.toml
-	$(BIN)/pip install --quiet -c $(PINS) -e '.[s3,onnx,serve,airflow,dev]'
+	$(BIN)/pip install --quiet -c $(PINS) -e '.[s3,onnx,serve,airflow,spark,dev]'
 	touch $@
 
 run: $(RUN_STAMP)
@@ -64,15 +66,22 @@ clean:
 AIRFLOW_PORT ?= 8080
 .PHONY: airflow
 airflow: setup
-	$(BIN)/python bin/airflow_local.py --port $(AIRFLOW_PORT) $(ARGS)
+	$(BIN)/python -m bin.airflow_local --port $(AIRFLOW_PORT) $(ARGS)
 
 # The production topology on loopback (CeleryExecutor, two workers on queues fetch + inference,
 # PostgreSQL, Redis, SeaweedFS), started in the background; see docs/airflow.md.
 STACK_PORT ?= 8080
 .PHONY: stack stack-down
 stack: setup
-	$(BIN)/python bin/stack.py up --port $(STACK_PORT) $(ARGS)
+	$(BIN)/python -m bin.stack up --port $(STACK_PORT) $(ARGS)
 
-# Stops exactly what `make stack` started (by the PIDs in .sim-pipeline/stack/state.json).
+# Stops exactly what `make stack` started (by the PIDs in .sim-pipeline/stack/state.json);
+# ARGS=--purge also drops its databases, broker queue and S3 data (also after a plain stop).
 stack-down:
-	$(BIN)/python bin/stack.py down $(ARGS)
+	$(BIN)/python -m bin.stack down $(ARGS)
+
+# The exports under which `airflow ...` and `sim-pipeline results ...` reach that stack:
+#   eval "$$(make -s stack-env)"
+.PHONY: stack-env
+stack-env:
+	@$(BIN)/python -m bin.stack env $(ARGS)

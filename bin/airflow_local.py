@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run Airflow on this machine with the similarity_scoring DAG, to trigger it from the UI.
 
-    make airflow                      # or: .venv/bin/python bin/airflow_local.py [--port 8080]
+    make airflow                      # or: .venv/bin/python -m bin.airflow_local [--port 8080]
 
 Starts the api-server (UI, REST API and the execution API tasks report to), the scheduler
 (LocalExecutor) and the dag-processor, all on 127.0.0.1, with a SQLite metadata database in its
@@ -31,23 +31,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
 
+from plugins.sim_airflow.pools import parallelism, sized
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 AIRFLOW = str(BIN / "airflow")
 STOP_ORDER = (("scheduler",), ("dag-processor", "api-server"))
-sys.path.insert(0, str(REPO / "plugins"))
 
 
 def pools_file(home: Path, gpu_slots: int | None) -> Path:
     """The DAG's pools (plugins/sim_airflow/pools.py), in ``airflow pools import`` form."""
-    from sim_airflow.pools import GPU_POOL, POOLS  # no Airflow import: it would read its config
-
-    slots = {name: size for name, (size, _) in POOLS.items()}
-    if gpu_slots is not None:
-        slots[GPU_POOL] = gpu_slots
     path = home / "pools.json"
-    path.write_text(json.dumps({name: {"slots": slots[name], "description": text}
-                                for name, (_, text) in POOLS.items()}, indent=2))
+    path.write_text(json.dumps({name: {"slots": pool.slots, "description": pool.description}
+                                for name, pool in sized(gpu_slots).items()}, indent=2))
     return path
 
 
@@ -62,15 +58,16 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path}?timeout=60"
 
 
-def loopback_airflow(port: int, executor: str) -> dict[str, str]:
+def loopback_airflow(port: int, executor: str, gpu_slots: int | None = None) -> dict[str, str]:
     """The Airflow settings this launcher and bin/stack.py share: this repo's DAG and plugins,
-    no examples, DAGs unpaused, every visitor an admin, the api-server at 127.0.0.1:``port``."""
+    no examples, DAGs unpaused, every visitor an admin, the api-server at 127.0.0.1:``port``,
+    parallelism the slots of every pool (plugins/sim_airflow/pools.py)."""
     return {
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": executor,
-        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__PARALLELISM": str(parallelism(sized(gpu_slots))),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
@@ -78,13 +75,14 @@ def loopback_airflow(port: int, executor: str) -> dict[str, str]:
     }
 
 
-def airflow_environ(home: Path, port: int, base: Mapping[str, str]) -> dict[str, str]:
+def airflow_environ(home: Path, port: int, base: Mapping[str, str],
+                    gpu_slots: int | None = None) -> dict[str, str]:
     """The environment of every component: this repo's DAG and plugins, local-only settings."""
     env = dict(base)
     env["AIRFLOW_HOME"] = str(home)  # and its own metadata DB, whatever the shell says
     env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = sqlite_url(home / "airflow.db")
     defaults = {
-        **loopback_airflow(port, "LocalExecutor"),
+        **loopback_airflow(port, "LocalExecutor", gpu_slots),
         "SIM_PIPELINE_STORE": str(REPO / ".sim-pipeline" / "store"),
         "SIM_PIPELINE_DATABASE_URL": f"sqlite:///{REPO / '.sim-pipeline' / 'results.db'}",
     }
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--gpu-slots", type=int, metavar="N",
-                        help="embedding tasks at once (the gpu pool's size; default 1)")
+                        help="embedding tasks at once (the gpu pool's size; default 2)")
     # Not $AIRFLOW_HOME: a launcher for trials must not migrate or add pools to another Airflow.
     parser.add_argument("--home", type=Path, default=REPO / ".sim-pipeline" / "airflow",
                         help="AIRFLOW_HOME of this Airflow (default .sim-pipeline/airflow)")
@@ -177,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Port {args.port} on 127.0.0.1 is in use; pick another with --port "
               "(make airflow AIRFLOW_PORT=...).", file=sys.stderr)
         return 2
-    env = airflow_environ(home, args.port, os.environ)
+    env = airflow_environ(home, args.port, os.environ, args.gpu_slots)
     prepare(home, env, args.gpu_slots)
     stopping: list[int] = []
 

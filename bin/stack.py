@@ -1,18 +1,28 @@
 #!/usr/bin/env python3
 """The production topology of the DAG, natively on this machine, every listener on 127.0.0.1.
 
-    make stack            # or: .venv/bin/python bin/stack.py up [--port 8080]
-    make stack-down       # or: .venv/bin/python bin/stack.py down [--purge]
+    make stack            # or: .venv/bin/python -m bin.stack up [--port 8080]
+    eval "$(.venv/bin/python -m bin.stack env)"   # then `airflow ...`, `sim-pipeline results ...`
+    make stack-down       # or: .venv/bin/python -m bin.stack down [--purge]
 
 What docker-compose.yaml runs as containers, service for service (``SERVICES``): PostgreSQL
 databases for Airflow's metadata and for the results (created in the server at
-``--postgres``, default 127.0.0.1:5432), Redis as the Celery broker (the server at 127.0.0.1:6379,
-the first empty database number), SeaweedFS as the S3 store with its bucket, and Airflow 3 with
-the CeleryExecutor: api-server, scheduler, dag-processor, triggerer and two workers on separate
-queues, ``fetch`` (plan, fetch, join-score, finalize: network and CPU work) and ``inference``
-(embed-images, embed-texts), so a GPU host subscribes to ``inference`` only. The Connections
+``--postgres``, default 127.0.0.1:5432), Redis as the Celery broker (the server at 127.0.0.1:6379),
+SeaweedFS as the S3 store with its bucket, and Airflow 3 with the CeleryExecutor: api-server,
+scheduler, dag-processor, triggerer and two workers on separate queues, ``fetch`` (plan, fetch,
+join-score, finalize: network and CPU work) and ``inference`` (embed-images, embed-texts), so a GPU
+host subscribes to ``inference`` only. Beside the inference worker, ``inference-server`` (``sim-
+pipeline serve`` on 127.0.0.1) holds the model for as long as the stack runs: the embed tasks are
+its clients (``SIM_PIPELINE_INFERENCE_URL``) and load no model. The worker's concurrency, the
+pools and the executor's parallelism all come from plugins/sim_airflow/pools.py. The Connections
 (``sim_pipeline_results``, ``sim_pipeline_store``) are ``AIRFLOW_CONN_*`` variables of every
 component; the pools are created by ``up``.
+
+The stack's names are kept in its folder (``config.json``): the databases are
+``<name>_airflow`` and ``<name>_results``, with ``name`` derived from the folder's path
+(``sim_stack_<8 hex>``), and its Redis database is the first empty one at the first ``up`` and
+the same one after; ``up`` prints them, and ``env`` emits the exports under which ``airflow ...``
+and ``sim-pipeline results ...`` talk to this stack.
 
 ``up`` starts a detached supervisor (``supervise``) and returns once the UI answers. Like
 Compose's ``restart: always``, the supervisor restarts any component that dies, killing first
@@ -21,7 +31,7 @@ within seconds, and the task it was running is failed by the scheduler's heartbe
 retried (``SIM_PIPELINE_RETRY_DELAY_SECONDS``). ``down`` stops the supervisor, which stops the
 scheduler first and then everything else; what is still alive is killed by the PIDs recorded in
 the state file, and nothing else is touched. ``--purge`` also drops the two databases, empties the
-Redis database and removes SeaweedFS's data.
+Redis database and removes SeaweedFS's data, also after a plain ``down``.
 
 ``stack_environment`` is the one definition of the components' environment: docker-compose.yaml
 carries the same names (tests/test_compose.py checks it). No login: every visitor is an admin.
@@ -31,9 +41,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -44,16 +56,20 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bin.airflow_local import loopback_airflow, pools_file, port_is_free, wait_for_api
+from plugins.sim_airflow.pools import (
+    FETCH_QUEUE,
+    INFERENCE_QUEUE,
+    SLOTS,
+    Pool,
+    queue_concurrency,
+    sized,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 AIRFLOW = str(BIN / "airflow")
-sys.path.insert(0, str(REPO / "bin"))
-from airflow_local import (  # noqa: E402 - the launcher's pools, settings, health check
-    loopback_airflow,
-    pools_file,
-    port_is_free,
-    wait_for_api,
-)
+SIM_PIPELINE = str(BIN / "sim-pipeline")
 
 DEFAULT_HOME = REPO / ".sim-pipeline" / "stack"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -63,24 +79,36 @@ ACCESS_KEY, SECRET_KEY = "sim-pipeline-stack", "sim-pipeline-stack-secret"
 # Fixed secrets every component shares (loopback only; docker-compose.yaml takes them from .env).
 JWT_SECRET = "sim-pipeline-stack-jwt-secret-for-loopback-only-set-your-own-in-env-0123456789"
 FERNET_KEY = "gW7mHqlX6sW0q6dOAnrZk1pnLJeFqg1Ruq3xwXHXZ0c="
-FETCH_QUEUE, INFERENCE_QUEUE = "fetch", "inference"
-# Compose service -> the queues its Celery worker consumes.
-WORKER_QUEUES = {"worker-fetch": (FETCH_QUEUE,), "worker-inference": (INFERENCE_QUEUE,)}
-# Compose service -> the ``airflow`` command this stack runs for it (workers added below).
-AIRFLOW_COMMANDS: dict[str, list[str]] = {
-    "api-server": ["api-server"],  # host and port come from AIRFLOW__API__HOST / __PORT
-    # No log servers: Airflow binds them to 0.0.0.0; the api-server reads this machine's logs.
-    "scheduler": ["scheduler", "--skip-serve-logs"],
-    "dag-processor": ["dag-processor"],
-    "triggerer": ["triggerer", "--skip-serve-logs"],
-    **{name: ["celery", "worker", "--queues", ",".join(queues), "--concurrency", "2",
-              "--skip-serve-logs", "--without-mingle", "--without-gossip",
-              "--celery-hostname", f"{name}@%h"] for name, queues in WORKER_QUEUES.items()},
-}
-# Every service of docker-compose.yaml: the servers, the one-shot init, the Airflow components.
-SERVICES = ("postgres", "redis", "seaweedfs", "airflow-init", *AIRFLOW_COMMANDS)
-STOP_ORDER = ("scheduler", "triggerer", *WORKER_QUEUES, "dag-processor", "api-server",
-              "seaweedfs")
+# Compose service -> the queue its Celery worker consumes.
+WORKER_QUEUES = {"worker-fetch": FETCH_QUEUE, "worker-inference": INFERENCE_QUEUE}
+INFERENCE_WORKER = "worker-inference"
+# ``sim-pipeline serve`` beside the inference worker: it holds the model, the embed tasks ask it.
+MODEL_SERVER = "inference-server"
+
+
+def airflow_commands(pools: dict[str, Pool] | None = None) -> dict[str, list[str]]:
+    """Compose service -> the ``airflow`` command this stack runs for it; each worker's
+    concurrency is the slots of its queue's pools."""
+    concurrency = queue_concurrency(pools or SLOTS)
+    return {
+        "api-server": ["api-server"],  # host and port come from AIRFLOW__API__HOST / __PORT
+        # No log servers: Airflow binds them to 0.0.0.0; the api-server reads this machine's logs.
+        "scheduler": ["scheduler", "--skip-serve-logs"],
+        "dag-processor": ["dag-processor"],
+        "triggerer": ["triggerer", "--skip-serve-logs"],
+        **{name: ["celery", "worker", "--queues", queue, "--concurrency",
+                  str(concurrency[queue]), "--skip-serve-logs", "--without-mingle",
+                  "--without-gossip", "--celery-hostname", f"{name}@%h"]
+           for name, queue in WORKER_QUEUES.items()},
+    }
+
+
+AIRFLOW_COMMANDS = airflow_commands()
+# Every service of docker-compose.yaml: the servers, the one-shot init, the Airflow components
+# and the model server.
+SERVICES = ("postgres", "redis", "seaweedfs", "airflow-init", *AIRFLOW_COMMANDS, MODEL_SERVER)
+STOP_ORDER = ("scheduler", "triggerer", *WORKER_QUEUES, MODEL_SERVER, "dag-processor",
+              "api-server", "seaweedfs")
 SEAWEED_PARTS = ("master", "volume", "filer", "s3", "admin")
 GRPC_OFFSET = 10_000
 
@@ -96,6 +124,12 @@ class StackConfig:
     name: str = "sim_stack"  # the databases are <name>_airflow and <name>_results
     bucket: str = "sim-pipeline"
     seaweed_ports: dict[str, int] = field(default_factory=dict)
+    model_port: int = 0  # the inference-server's
+    gpu_slots: int | None = None  # the gpu pool's size, if not pools.py's
+
+    @property
+    def pools(self) -> dict[str, Pool]:
+        return sized(self.gpu_slots)
 
     def database_url(self, name: str, driver: str = "postgresql") -> str:
         """A database of the stack's server, as ``driver`` wants it named."""
@@ -113,6 +147,14 @@ class StackConfig:
     @property
     def s3_endpoint(self) -> str:
         return f"http://127.0.0.1:{self.seaweed_ports['s3']}"
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.model_port}"
+
+    @property
+    def broker_url(self) -> str:
+        return f"{DEFAULT_REDIS}/{self.redis_db}"
 
 
 def make_url(url: str) -> Any:
@@ -136,9 +178,8 @@ def stack_environment(cfg: StackConfig, base: Mapping[str, str]) -> dict[str, st
              "extra": {"endpoint_url": cfg.s3_endpoint, "region_name": "us-east-1"}}
     return {
         "AIRFLOW_HOME": cfg.home,
-        # PARALLELISM 4 is the workers' slots (2 x --concurrency 2): no task waits long in a
-        # Celery queue.
-        **loopback_airflow(cfg.port, "CeleryExecutor"),
+        # PARALLELISM is the workers' slots (pools.py): no task waits long in a Celery queue.
+        **loopback_airflow(cfg.port, "CeleryExecutor", cfg.gpu_slots),
         "AIRFLOW__CORE__FERNET_KEY": FERNET_KEY,
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "sim_airflow.options.worker_hostname",
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -146,7 +187,7 @@ def stack_environment(cfg: StackConfig, base: Mapping[str, str]) -> dict[str, st
         "AIRFLOW__API_AUTH__JWT_SECRET": JWT_SECRET,
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": cfg.database_url(cfg.airflow_db,
                                                                 "postgresql+psycopg2"),
-        "AIRFLOW__CELERY__BROKER_URL": f"{DEFAULT_REDIS}/{cfg.redis_db}",
+        "AIRFLOW__CELERY__BROKER_URL": cfg.broker_url,
         "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + cfg.database_url(cfg.airflow_db),
         "AIRFLOW__OPERATORS__DEFAULT_QUEUE": FETCH_QUEUE,
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "30",
@@ -161,8 +202,19 @@ def stack_environment(cfg: StackConfig, base: Mapping[str, str]) -> dict[str, st
         "SIM_PIPELINE_MODEL": base.get("SIM_PIPELINE_MODEL") or DEFAULT_MODEL,
         "SIM_PIPELINE_INFERENCE_QUEUE": INFERENCE_QUEUE,
         "SIM_PIPELINE_RETRY_DELAY_SECONDS": base.get("SIM_PIPELINE_RETRY_DELAY_SECONDS") or "5",
-        "SIM_PIPELINE_SCHEDULE": base.get("SIM_PIPELINE_SCHEDULE") or "none",
+        "SIM_PIPELINE_SCHEDULE": schedule(base),
     }
+
+
+def schedule(base: Mapping[str, str]) -> str:
+    """The DAG's schedule on this stack: manual runs only unless the caller sets one."""
+    return base.get("SIM_PIPELINE_SCHEDULE") or "none"
+
+
+def s3_environment(cfg: StackConfig) -> dict[str, str]:
+    """boto3's variables for a library process (the CLI, the model server) on the stack's S3."""
+    return {"AWS_ENDPOINT_URL": cfg.s3_endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def component_environ(cfg: StackConfig, base: Mapping[str, str], name: str) -> dict[str, str]:
@@ -174,6 +226,10 @@ def component_environ(cfg: StackConfig, base: Mapping[str, str], name: str) -> d
                AWS_EC2_METADATA_DISABLED="true")
     if name in WORKER_QUEUES:
         env["SIM_PIPELINE_WORKER_NAME"] = name
+    if name == INFERENCE_WORKER:
+        env["SIM_PIPELINE_INFERENCE_URL"] = cfg.inference_url
+    if name in (MODEL_SERVER, "cli"):
+        env.update(s3_environment(cfg))
     return env
 
 
@@ -207,8 +263,15 @@ def drop_databases(cfg: StackConfig) -> None:
         engine.dispose()
 
 
+def stack_name(home: Path) -> str:
+    """``sim_stack_<8 hex>``: the database prefix of the stack kept in ``home`` (one per
+    checkout), the same at every ``up``."""
+    return f"sim_stack_{hashlib.sha256(str(home).encode()).hexdigest()[:8]}"
+
+
 def empty_redis_db() -> int:
-    """The first Redis database number (1-15) holding no keys: the broker shares no queue."""
+    """The first Redis database number (1-15) holding no keys: the broker shares no queue.
+    Picked at the first ``up`` and kept in ``config.json`` after."""
     import redis
 
     for number in range(1, 16):
@@ -225,6 +288,36 @@ def free_seaweed_ports() -> dict[str, int]:
         if port not in ports and port_is_free(port) and port_is_free(port + GRPC_OFFSET):
             ports.append(port)
     return dict(zip(SEAWEED_PARTS, ports, strict=True))
+
+
+def free_port() -> int:
+    """A free loopback port, as the kernel hands it out."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return int(probe.getsockname()[1])
+
+
+def model_server_command(cfg: StackConfig) -> list[str]:
+    """``sim-pipeline serve`` on loopback: no API key needed, nothing beyond this machine."""
+    return [SIM_PIPELINE, "serve", "--host", "127.0.0.1", "--port", str(cfg.model_port),
+            "--drain-seconds", "5"]
+
+
+def wait_for_model_server(cfg: StackConfig, timeout: float = 300) -> None:
+    """Until the model server has loaded the model (``/readyz``)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{cfg.inference_url}/readyz", timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise RuntimeError(f"the inference server did not load its model in {timeout:.0f} s; see "
+                       f"{Path(cfg.home) / 'logs' / (MODEL_SERVER + '.log')}")
 
 
 def seaweed_command(cfg: StackConfig) -> list[str]:
@@ -280,8 +373,11 @@ def launch(cfg: StackConfig, name: str, base: Mapping[str, str]) -> subprocess.P
         env = {k: v for k, v in base.items() if not k.startswith("AWS_")}
         env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
         command = seaweed_command(cfg)
+    elif name == MODEL_SERVER:
+        env, command = component_environ(cfg, base, name), model_server_command(cfg)
     else:
-        env, command = component_environ(cfg, base, name), [AIRFLOW, *AIRFLOW_COMMANDS[name]]
+        command = [AIRFLOW, *airflow_commands(cfg.pools)[name]]
+        env = component_environ(cfg, base, name)
     with (Path(cfg.home) / "logs" / f"{name}.log").open("ab") as log:
         return subprocess.Popen(command, env=env, cwd=cfg.home, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -297,8 +393,7 @@ def prepare(cfg: StackConfig, base: Mapping[str, str]) -> None:
     """Databases, Airflow's schema and the pools (all idempotent: a second up keeps the runs)."""
     create_databases(cfg)
     env = component_environ(cfg, base, "airflow-init")
-    slots = base.get("SIM_STACK_GPU_SLOTS")  # else pools.py's size, as in docker-compose.yaml
-    pools = pools_file(Path(cfg.home), int(slots) if slots else None)
+    pools = pools_file(Path(cfg.home), cfg.gpu_slots)
     for args in (["db", "migrate"], ["pools", "import", str(pools)]):
         subprocess.run([AIRFLOW, *args], env=env, cwd=cfg.home, check=True,
                        stdout=subprocess.DEVNULL)
@@ -330,9 +425,11 @@ class Supervisor:
         self.start("seaweedfs")
         create_bucket(self.cfg)
         prepare(self.cfg, self.base)
+        self.start(MODEL_SERVER)
         for name in AIRFLOW_COMMANDS:
             self.start(name)
         wait_for_api(self.cfg.port, {}, timeout=180)  # no processes: it only waits for the UI
+        wait_for_model_server(self.cfg)
         (Path(self.cfg.home) / "ready").write_text("ready\n")
         print(f"stack is up: http://127.0.0.1:{self.cfg.port}", flush=True)
         while not self.stopping:
@@ -375,6 +472,47 @@ def read_state(home: Path) -> dict[str, Any] | None:
 
 # ---- commands ---------------------------------------------------------------------------------
 
+def config_path(home: Path) -> Path:
+    return home / "config.json"
+
+
+def read_config(home: Path) -> StackConfig | None:
+    """The stack's names and ports as its first ``up`` chose them (kept until ``--purge``)."""
+    path = config_path(home)
+    return StackConfig(**json.loads(path.read_text())) if path.exists() else None
+
+
+def stack_config(home: Path, args: argparse.Namespace, base: Mapping[str, str]) -> StackConfig:
+    """This ``up``'s config: the names and Redis database of the earlier ones (stable across
+    restarts), the port asked for now, fresh ports for the rest."""
+    slots = base.get("SIM_STACK_GPU_SLOTS")  # else pools.py's size, as in docker-compose.yaml
+    earlier = read_config(home)
+    name = args.name or (earlier.name if earlier else stack_name(home))
+    redis_db = earlier.redis_db if earlier else empty_redis_db()
+    return StackConfig(str(home), args.port, args.postgres, redis_db, name=name,
+                       seaweed_ports=free_seaweed_ports(), model_port=free_port(),
+                       gpu_slots=int(slots) if slots else None)
+
+
+def describe(cfg: StackConfig, base: Mapping[str, str]) -> str:
+    """What ``up`` prints: where everything is, how to reach it from a shell, the schedule."""
+    in_force = schedule(base)
+    when = ("none: manual runs only (no nightly runs, no backfills); set SIM_PIPELINE_SCHEDULE "
+            "before make stack for a cron" if in_force == "none" else f"{in_force!r} (cron)")
+    slots = ", ".join(f"{name} {pool.slots}" for name, pool in cfg.pools.items())
+    return "\n".join([
+        f"Stack is up: http://127.0.0.1:{cfg.port}/dags/similarity_scoring (CeleryExecutor, "
+        f"queues fetch + inference; logs in {Path(cfg.home) / 'logs'}).",
+        f"  databases {cfg.airflow_db} (Airflow) and {cfg.results_db} (results) at "
+        f"{make_url(cfg.admin_url).render_as_string(hide_password=True)}; broker "
+        f"{cfg.broker_url}; S3 {cfg.s3_endpoint}, bucket {cfg.bucket}; model server "
+        f"{cfg.inference_url}",
+        f"  pools {slots}; schedule {when}",
+        '  From a shell: eval "$(.venv/bin/python -m bin.stack env)", then airflow dags trigger '
+        "similarity_scoring --conf '{\"csv_path\": ...}' or sim-pipeline results runs.",
+        "  Stop it with make stack-down (ARGS=--purge also drops its data)."])
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Start the supervisor detached; return once the UI answers (or say why not)."""
     home = args.home.resolve()
@@ -389,13 +527,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     (home / "logs").mkdir(parents=True, exist_ok=True)
     (home / "ready").unlink(missing_ok=True)
-    cfg = StackConfig(str(home), args.port, args.postgres, empty_redis_db(), name=args.name,
-                      seaweed_ports=free_seaweed_ports())
-    (home / "config.json").write_text(json.dumps(asdict(cfg)))
+    cfg = stack_config(home, args, os.environ)
+    config_path(home).write_text(json.dumps(asdict(cfg)))
     with (home / "logs" / "stack.log").open("ab") as log:
-        supervisor = subprocess.Popen([sys.executable, __file__, "supervise", "--home", str(home)],
-                                      stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "bin.stack", "supervise", "--home", str(home)], cwd=REPO,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
     deadline = time.monotonic() + args.timeout
     while not (home / "ready").exists():
         if supervisor.poll() is not None or time.monotonic() > deadline:
@@ -404,15 +542,32 @@ def cmd_up(args: argparse.Namespace) -> int:
             stop_stack(home)
             return 1
         time.sleep(0.5)
-    print(f"Stack is up: http://127.0.0.1:{args.port}/dags/similarity_scoring (CeleryExecutor, "
-          f"queues fetch + inference; S3 {cfg.s3_endpoint}, bucket {cfg.bucket}; logs in "
-          f"{home / 'logs'}). Stop it with make stack-down.", flush=True)
+    print(describe(cfg, os.environ), flush=True)
+    return 0
+
+
+def exports(cfg: StackConfig, base: Mapping[str, str]) -> dict[str, str]:
+    """The variables under which ``airflow ...`` and ``sim-pipeline ...`` in a shell talk to the
+    stack: its Airflow settings and metadata database, its results database, S3 and store."""
+    return {**stack_environment(cfg, base), **s3_environment(cfg)}
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """``export NAME=value`` lines for ``eval``: the stack's environment for a shell."""
+    cfg = read_config(args.home.resolve())
+    if cfg is None:
+        print(f"No stack was started from {args.home.resolve()}; run make stack first.",
+              file=sys.stderr)
+        return 2
+    for name, value in exports(cfg, os.environ).items():
+        print(f"export {name}={shlex.quote(value)}")
     return 0
 
 
 def cmd_supervise(args: argparse.Namespace) -> int:
     home = args.home.resolve()
-    cfg = StackConfig(**json.loads((home / "config.json").read_text()))
+    cfg = read_config(home)
+    assert cfg is not None, "up writes the config before it starts the supervisor"
     supervisor = Supervisor(cfg, dict(os.environ))
 
     def on_signal(signum: int, _: FrameType | None) -> None:
@@ -454,18 +609,22 @@ def stop_stack(home: Path, timeout: float = 120) -> list[str]:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """Stop the stack if it runs; with ``--purge`` drop its data too, also after a plain down."""
     home = args.home.resolve()
     state = read_state(home)
     if state is None:
         print(f"No stack is running from {home}.")
-        return 0
-    killed = stop_stack(home)
-    if killed:
-        print(f"killed {', '.join(killed)} (they did not stop on SIGTERM)", file=sys.stderr)
-    if args.purge:
-        purge(StackConfig(**state["config"]))
-    print("Stack stopped." + (" Databases, broker queue and S3 data removed." if args.purge
-                              else ""), flush=True)
+    else:
+        killed = stop_stack(home)
+        if killed:
+            print(f"killed {', '.join(killed)} (they did not stop on SIGTERM)", file=sys.stderr)
+        print("Stack stopped.", flush=True)
+    cfg = read_config(home)
+    if args.purge and cfg is not None:
+        purge(cfg)
+        config_path(home).unlink()
+        print(f"Purged: databases {cfg.airflow_db} and {cfg.results_db} dropped, broker "
+              f"{cfg.broker_url} emptied, S3 data removed.", flush=True)
     return 0
 
 
@@ -476,14 +635,14 @@ def purge(cfg: StackConfig) -> None:
     import redis
 
     drop_databases(cfg)
-    redis.Redis.from_url(f"{DEFAULT_REDIS}/{cfg.redis_db}").flushdb()
+    redis.Redis.from_url(cfg.broker_url).flushdb()
     shutil.rmtree(Path(cfg.home) / "seaweedfs", ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("up", "supervise", "down"):
+    for name in ("up", "supervise", "down", "env"):
         sub = commands.add_parser(name)
         sub.add_argument("--home", type=Path, default=DEFAULT_HOME,
                          help="the stack's folder: AIRFLOW_HOME, logs, state (default "
@@ -493,13 +652,14 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--postgres", default=os.environ.get("SIM_STACK_PG_ADMIN_URL",
                                                          DEFAULT_ADMIN_URL),
                     help="admin URL of the PostgreSQL server to create the databases in")
-    up.add_argument("--name", default="sim_stack",
-                    help="database name prefix: <name>_airflow, <name>_results (default sim_stack)")
+    up.add_argument("--name", help="database name prefix: <name>_airflow, <name>_results "
+                    "(default sim_stack_<8 hex of the folder's path>, kept across ups)")
     up.add_argument("--timeout", type=float, default=240, help="seconds to wait for the UI")
     commands.choices["down"].add_argument("--purge", action="store_true",
                                           help="also drop the databases and the S3 data")
     args = parser.parse_args(argv)
-    return {"up": cmd_up, "supervise": cmd_supervise, "down": cmd_down}[args.command](args)
+    commands = {"up": cmd_up, "supervise": cmd_supervise, "down": cmd_down, "env": cmd_env}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ input CSV ──> plan ──┬──> chunk 0: fetch-images ──> embed-imag
 Each chunk is one instance of the mapped task group ``score_chunk`` and flows through its stages
 on its own (depth-first): chunk 0 is embedded while chunk 1 is still being fetched, and
 ``embed_texts`` needs no image, so it starts with the fetch. ``finalize`` waits for every chunk.
+Every task runs in a pool of ``sim_airflow.pools``, whose slots are the workers' (fetch tasks
+cannot take an inference slot), and a chunk's later stages outrank other chunks' fetches
+(``weight_rule="upstream"``), so depth-first holds on the CeleryExecutor too.
 
 Trigger it with ``{"csv_path": "s3://bucket/pairs.csv"}``; nightly runs read the input of their
 logical date (``SIM_PIPELINE_NIGHTLY_INPUT``, default ``<store>/incoming/{{ ds }}.csv``) and skip
@@ -31,9 +34,11 @@ from typing import Any
 
 from airflow.sdk import dag, task, task_group
 from sim_airflow.assets import OUTLETS
-from sim_airflow.options import FETCH, RETRIES, params, schedule
+from sim_airflow.labels import LABEL_MACROS
+from sim_airflow.lost_workers import note_lost_worker
+from sim_airflow.options import CHUNK_WORK, DEPTH_FIRST, FETCH, RETRIES, params, schedule
 from sim_airflow.status import mark_run_failed
-from sim_airflow.tasks import LABEL_MACROS, chunk_task, inference_task
+from sim_airflow.tasks import chunk_task, inference_task
 
 from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES, JOIN_SCORE
 from sim_pipeline.stages.registry import CHUNK_STAGES
@@ -42,7 +47,7 @@ Chunk = dict[str, Any]
 Counts = dict[str, Any]
 
 
-@task
+@task(**CHUNK_WORK)
 def plan_chunks() -> list[Chunk]:
     from sim_airflow.runs import plan_run
 
@@ -52,7 +57,7 @@ def plan_chunks() -> list[Chunk]:
 CHUNK_TASKS = {FETCH_IMAGES: chunk_task(FETCH_IMAGES, **FETCH),
                EMBED_IMAGES: inference_task(EMBED_IMAGES),
                EMBED_TEXTS: inference_task(EMBED_TEXTS),
-               JOIN_SCORE: chunk_task(JOIN_SCORE)}
+               JOIN_SCORE: chunk_task(JOIN_SCORE, **CHUNK_WORK)}
 
 
 @task_group
@@ -67,15 +72,21 @@ def score_chunk(chunk: Chunk) -> Any:
     return done[JOIN_SCORE]
 
 
-@task(outlets=OUTLETS)  # the results table and the scored CSV: score_drift runs on them
+# outlets: the results table and the scored CSV; score_drift runs on them.
+@task(outlets=OUTLETS, **CHUNK_WORK)
 def finalize(scored: list[Counts]) -> Counts:
     from sim_airflow.runs import finalize_run
 
     return finalize_run(scored)
 
 
+# Every task: retries, depth-first priority, and a last log line when its worker dies.
+TASK_DEFAULTS = {**RETRIES, **DEPTH_FIRST, "on_retry_callback": note_lost_worker,
+                 "on_failure_callback": note_lost_worker}
+
+
 @dag(schedule=schedule(), start_date=datetime(2024, 1, 1, tzinfo=UTC), catchup=False,
-     params=params(), default_args=RETRIES, on_failure_callback=mark_run_failed,
+     params=params(), default_args=TASK_DEFAULTS, on_failure_callback=mark_run_failed,
      user_defined_macros=LABEL_MACROS, tags=["sim-pipeline"], doc_md=__doc__)
 def similarity_scoring() -> None:
     finalize(score_chunk.expand(chunk=plan_chunks()))

@@ -26,6 +26,7 @@ from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.faults import Terminated, known_fault, sigterm_stops
 from sim_pipeline.core.layout import STAGES
 from sim_pipeline.results.cli import register as register_results
+from sim_pipeline.spark.command import register as register_spark
 from sim_pipeline.stages.embed.native_memory import limit_malloc_arenas
 
 SETTING_CHOICES = {"device": DEVICES, "precision": PRECISIONS}
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(commands, flags)
     _add_store(commands, flags)
+    register_spark(commands, flags)
     register_results(commands)
     return parser
 

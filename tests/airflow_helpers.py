@@ -8,29 +8,25 @@ chose, and answers with one JSON line on stdout. The results are read from Postg
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import sqlalchemy as sa
+
+from bin.airflow_api import DAG_ID
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 MARKER = "@@result@@ "
-DAG_ID = "similarity_scoring"
 
 
 def airflow_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -127,82 +123,10 @@ def without(rows: list[dict[str, Any]], *columns: str) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if k not in columns} for row in rows]
 
 
-def load_stack() -> ModuleType:
-    """bin/stack.py as a module: the stack's names and keys come from its one definition."""
-    spec = importlib.util.spec_from_file_location("stack", REPO / "bin" / "stack.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stack"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-class AirflowApi:
-    """The REST API of a running api-server (no login: the launcher makes everyone an admin)."""
-
-    def __init__(self, port: int) -> None:
-        self.base = f"http://127.0.0.1:{port}/api/v2"
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read() or b"null")
-
-    def run_path(self, run_id: str) -> str:
-        return f"/dags/{DAG_ID}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
-
-    def trigger(self, conf: Mapping[str, Any]) -> str:
-        run = self.call("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
-        return str(run["dag_run_id"])
-
-    def has_dag(self) -> bool:
-        try:
-            self.call("GET", f"/dags/{DAG_ID}")
-        except urllib.error.HTTPError as error:
-            if error.code == 404:
-                return False
-            raise
-        return True
-
-    def runs(self) -> list[dict[str, Any]]:
-        return list(self.call("GET", f"/dags/{DAG_ID}/dagRuns?limit=100")["dag_runs"])
-
-    def task_instances(self, run_id: str) -> list[dict[str, Any]]:
-        path = self.run_path(run_id) + "/taskInstances?limit=1000"
-        return list(self.call("GET", path)["task_instances"])
-
-    def clear(self, run_id: str, task_ids: Sequence[str] | None = None) -> None:
-        """Clear a run's tasks (all, or these and what follows them), as the UI's Clear does."""
-        body: dict[str, Any] = {"dry_run": False, "dag_run_id": run_id, "only_failed": False,
-                                "reset_dag_runs": True, "include_downstream": True}
-        if task_ids is not None:
-            body["task_ids"] = list(task_ids)
-        self.call("POST", f"/dags/{DAG_ID}/clearTaskInstances", body)
-        state = self.call("GET", self.run_path(run_id))["state"]
-        assert state in ("queued", "running"), f"cleared run {run_id} is {state}"
-
-    def wait(self, ready: Callable[[], bool], what: str, timeout: float = 150) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ready():
-                return
-            time.sleep(1)
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-    def wait_for_run(self, run_id: str, timeout: float = 150) -> str:
-        """Wait until the run finishes; its final state."""
-        final = ("success", "failed")
-        self.wait(lambda: self.call("GET", self.run_path(run_id))["state"] in final,
-                  f"run {run_id}", timeout)
-        return str(self.call("GET", self.run_path(run_id))["state"])
 
 
 # What the DAG file may load of sim_pipeline at parse time: the configuration reader and the

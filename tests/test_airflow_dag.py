@@ -237,13 +237,22 @@ def test_an_input_with_a_header_and_no_rows_skips(runs: Runs, pg_url: str) -> No
     assert run_status(pg_url, empty["run_id"]) is None
 
 
-def test_a_csv_path_that_does_not_exist_fails_at_once_without_retries(runs: Runs) -> None:
+def test_a_csv_path_that_does_not_exist_fails_at_once_without_retries(runs: Runs,
+                                                                     pg_url: str) -> None:
     wrong = runs.runs[WRONG_PATH]
     assert wrong["state"] == "failed"
     plan = [t[:4] for t in wrong["tasks"] if t[0] == "plan_chunks"]
     assert plan == [["plan_chunks", -1, "failed", 1]]  # a retry could not make the file appear
     assert "no-such-file.csv does not exist; check the trigger form's 'csv_path' field." \
         in runs.output
+    assert_recorded_failed(pg_url, wrong["run_id"])
+
+
+def assert_recorded_failed(pg_url: str, run_id: str) -> None:
+    """A run that failed before or while planning still has its scoring_runs row, failed."""
+    status = run_status(pg_url, run_id)
+    assert status is not None and status["status"] == "failed", status
+    assert status["finished_at"] is not None
 
 
 def test_the_dag_file_parses_fast_without_torch(bag: dict[str, Any]) -> None:
@@ -310,7 +319,7 @@ def test_an_input_without_a_caption_column_fails_at_once_naming_the_field(
         [["plan_chunks", -1, "failed", 1]]
     assert re.search(r"No caption column found \(looked for [^)]*the file has 'url', "
                      r"'description'\); check the trigger form's 'csv_path' field\.", runs.output)
-    assert run_status(pg_url, run["run_id"]) is None  # never planned, so never opened
+    assert_recorded_failed(pg_url, run["run_id"])
 
 
 def test_a_model_that_cannot_load_fails_at_once_and_marks_the_run_failed(
@@ -320,9 +329,9 @@ def test_a_model_that_cannot_load_fails_at_once_and_marks_the_run_failed(
     assert [t[:4] for t in run["tasks"] if t[2] == "failed"] == \
         [["plan_chunks", -1, "failed", 1]]  # one try: no retry can load it
     reasons = re.findall(r"AirflowFailException: (.*no-such-model.*)", runs.output)
-    assert reasons and all(r.endswith("check the trigger form's 'model' field.") and
-                           "--model" not in r for r in reasons)  # the form's field, no CLI flag
-    assert run_status(pg_url, run["run_id"]) is None  # the model is checked before the run opens
+    assert reasons and all(r.endswith("no such folder; check the trigger form's 'model' field.")
+                           and "--model" not in r for r in reasons)  # the form's field
+    assert_recorded_failed(pg_url, run["run_id"])
 
 
 def test_a_run_that_fails_after_planning_is_marked_failed(runs: Runs, pg_url: str) -> None:

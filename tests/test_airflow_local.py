@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
+from bin.airflow_api import AirflowApi
 from tests.airflow_helpers import (
     PYTHON,
     REPO,
-    AirflowApi,
     airflow_env,
     free_port,
     run_airflow,
@@ -85,7 +85,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, pg_url: str
     output = root / "launcher.out"
     with output.open("wb") as out:
         launcher = subprocess.Popen(
-            [PYTHON, str(REPO / "bin" / "airflow_local.py"), "--home", str(home),
+            [PYTHON, "-m", "bin.airflow_local", "--home", str(home),
              "--port", str(port), "--gpu-slots", "2"],  # two cores: two embedding tasks
             env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -264,9 +264,9 @@ def test_a_port_in_use_is_refused_in_one_sentence_before_anything_starts(
         tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        done = subprocess.run([PYTHON, str(REPO / "bin" / "airflow_local.py"), "--port",
+        done = subprocess.run([PYTHON, "-m", "bin.airflow_local", "--port",
                                str(port), "--home", str(tmp_path / "home")],
-                              capture_output=True, text=True, timeout=120)
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == (f"Port {port} on 127.0.0.1 is in use; pick another with "
                                    "--port (make airflow AIRFLOW_PORT=...).")

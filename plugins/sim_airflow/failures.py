@@ -27,7 +27,7 @@ MODEL_CODE = ("sim_pipeline", "stages", "embed")
 CLI_HINT = re.compile(r"; [^;]*(--[a-z]|SIM_PIPELINE_)[^;]*$")
 
 
-def is_transient(error: BaseException) -> bool:
+def is_connection_problem(error: BaseException) -> bool:
     """True when the error, or the one it was raised while handling, is a connection problem."""
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from sqlalchemy.exc import InterfaceError, OperationalError
@@ -68,7 +68,7 @@ def fail_at_once_when_hopeless(field: str) -> Iterator[None]:
     try:
         yield
     except UserError as error:
-        if is_transient(error):
+        if is_connection_problem(error):
             raise
         raise AirflowFailException(form_sentence(str(error), form_field(error, field))) \
             from error

@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow.sdk import Param
 
-from sim_airflow.pools import FETCH_POOL, GPU_POOL
+from sim_airflow.pools import CHUNK_POOL, FETCH_POOL, GPU_POOL
 from sim_pipeline.core.config import variable
 
 DEFAULT_SCHEDULE = "0 2 * * *"
@@ -64,6 +64,11 @@ RETRIES: dict[str, Any] = {
     "retries": 2, "retry_delay": retry_delay(), "retry_exponential_backoff": 2.0,
     "max_retry_delay": timedelta(minutes=10)}
 FETCH: dict[str, Any] = {"retries": 4, "pool": FETCH_POOL}
+# plan, join-score and finalize: the fetch queue's other pool (sim_airflow.pools).
+CHUNK_WORK: dict[str, Any] = {"pool": CHUNK_POOL}
+# Depth-first: a task's priority is the sum of its upstream tasks' weights, so a chunk's later
+# stages run before another chunk's fetch once both are ready.
+DEPTH_FIRST: dict[str, Any] = {"weight_rule": "upstream"}
 INFERENCE: dict[str, Any] = {"pool": GPU_POOL,
                               **({"queue": q} if (q := inference_queue()) else {})}
 

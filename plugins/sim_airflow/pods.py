@@ -20,9 +20,9 @@ from typing import Any
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s
 
+from sim_airflow.labels import POD_LABEL, task_id
 from sim_airflow.options import pod_settings_json
 from sim_airflow.pools import GPU_POOL
-from sim_airflow.tasks import POD_LABEL, task_id
 
 GPU = "nvidia.com/gpu"
 

@@ -26,11 +26,16 @@ from airflow.sdk import Context, get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from sim_airflow.assets import emit_scored
-from sim_airflow.failures import INPUT_FIELD, OUTPUT_FIELD, fail_at_once_when_hopeless
+from sim_airflow.failures import (
+    INPUT_FIELD,
+    MODEL_FIELD,
+    OUTPUT_FIELD,
+    fail_at_once_when_hopeless,
+)
+from sim_airflow.labels import chunk_label
 from sim_airflow.options import nightly_input
 from sim_airflow.progress import progress_lines, summary
 from sim_airflow.settings import s3_conn_id, task_settings
-from sim_airflow.tasks import chunk_label
 
 if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -124,13 +129,51 @@ def count_rows(path: Path, settings: Settings) -> int:
     return sum(1 for _ in rows)
 
 
-def plan_run() -> list[Chunk]:
-    """Plan the run's input into chunks and open the run, keyed by the Airflow run id."""
-    from sim_pipeline.runners import dispatch
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
 
+
+def check_model_folder(model: str) -> None:
+    """A model given as a local path (absolute, ``./``, ``../``, ``~``) that is not a folder
+    fails at once: asking the model hub for it would take seconds and answer about repo ids."""
+    if model.startswith(LOCAL_PATH_PREFIXES) and not Path(model).expanduser().is_dir():
+        raise AirflowFailException(f"Model {model}: no such folder; check the trigger form's "
+                                   f"{MODEL_FIELD!r} field.")
+
+
+def record_failed_plan(settings: Settings, run_id: str, source: str) -> None:
+    """A run that fails before or while planning still gets its ``scoring_runs`` row, failed,
+    so ``sim-pipeline results runs`` shows it (best effort: the database may be the failure)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sim_pipeline.core.errors import UserError
+    from sim_pipeline.results.db import ResultsDB
+
+    try:
+        results = ResultsDB(settings.database_url, settings.db_retry_seconds)
+        results.open_run_if_absent(run_id, source, settings.model, 0)
+        results.finish_run(run_id, "failed")
+    except (UserError, SQLAlchemyError):
+        log.warning("Run %s could not be recorded as failed in the results database.", run_id,
+                    exc_info=True)
+
+
+def plan_run() -> list[Chunk]:
+    """Plan the run's input into chunks and open the run, keyed by the Airflow run id; a run
+    that cannot be planned is recorded failed before the task fails."""
     context = get_current_context()
     settings = task_settings(context["params"])
     location = input_location(context, settings)
+    try:
+        return plan_chunks(context, settings, location)
+    except AirflowFailException:
+        record_failed_plan(settings, context["run_id"], location)
+        raise
+
+
+def plan_chunks(context: Context, settings: Settings, location: str) -> list[Chunk]:
+    from sim_pipeline.runners import dispatch
+
+    check_model_folder(settings.model)
     hook = s3_hook() if is_s3(location) else None  # one for the check and the download
     check_input(location, context, hook)
     with fail_at_once_when_hopeless(INPUT_FIELD), local_copy(location, hook) as path:
@@ -149,7 +192,7 @@ def plan_run() -> list[Chunk]:
     return planned["chunks"]
 
 
-def run_stage(stage: str, chunk: Mapping[str, Any]) -> dict[str, Any]:
+def run_chunk_stage(stage: str, chunk: Mapping[str, Any]) -> dict[str, Any]:
     """One per-chunk stage (``fetch-images``, ``embed-images``, ...) on the chunk described."""
     from sim_pipeline.runners import dispatch
 
@@ -218,7 +261,6 @@ def finalize_run(scored: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dic
     settings = task_settings(params)
     output = (params.get("output_path") or "").strip() or default_output(
         input_location(context, settings), context["run_id"])
-    started = time.monotonic()
     with fail_at_once_when_hopeless(OUTPUT_FIELD):
         result = write_output(settings, context["run_id"], output)
     emit_scored(context, settings, result)  # score_drift is scheduled on it
@@ -226,6 +268,15 @@ def finalize_run(scored: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dic
     counts = [scored] if isinstance(scored, Mapping) else scored[:]
     ok = sum(c["ok"] for c in counts)
     log.info("Run %s finished in %.1f s: %d rows, %d scored, %d with an error code; scored CSV "
-             "at %s, report at %s.", result["run_id"], time.monotonic() - started,
-             result["rows"], ok, result["rows"] - ok, result["output"], result["report"])
+             "at %s, report at %s.", result["run_id"], run_seconds(context), result["rows"], ok,
+             result["rows"] - ok, result["output"], result["report"])
     return {**result, "ok": ok}
+
+
+def run_seconds(context: Context) -> float:
+    """The whole DAG run's wall time so far (from its start), not this task's: the last task's
+    "finished in" is the run's."""
+    from datetime import UTC, datetime
+
+    began = context["dag_run"].start_date
+    return (datetime.now(UTC) - began).total_seconds() if began else 0.0

@@ -5,34 +5,18 @@ and torch, load only when it runs). ``inference_task(stage)`` is where ``SIM_PIP
 decides how a GPU stage runs: in-process like the others, in the ``gpu`` pool, or with
 ``kubernetes`` as one pod per chunk (``sim_airflow.pods``, imported only then). Either way the
 result is called with the chunk inside the DAG's mapped task group, under the same task id, so the
-DAG body does not change. Each mapped instance is labelled by ``chunk_label`` ("chunk 3: rows
-3000-3999") instead of a bare map index; the label renders from the task's own arguments before
-it runs, so a running or failed task shows it too.
+DAG body does not change. Each mapped instance is labelled by ``labels.chunk_label``. This module
+imports ``runs`` and ``pods`` only inside the tasks: neither imports it back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 from airflow.sdk import task
 
+from sim_airflow.labels import TASKFLOW_LABEL, task_id
 from sim_airflow.options import INFERENCE, execution
-
-# Rendered with the DAG's user_defined_macros (``LABEL_MACROS``); TaskFlow tasks keep their
-# keyword arguments in ``op_kwargs`` (so the DAG passes ``chunk=``), pod operators in ``chunk``.
-TASKFLOW_LABEL = "{{ chunk_label(task.op_kwargs['chunk']) }}"
-POD_LABEL = "{{ chunk_label(task.chunk) }}"
-
-
-def chunk_label(chunk: Mapping[str, Any]) -> str:
-    """``chunk 3: rows 3000-3999``: which rows of the input a mapped task works on (0-based, as
-    the results table's ``row_number``)."""
-    first = int(chunk["first_row"])
-    return f"chunk {chunk['index']}: rows {first}-{first + int(chunk['rows']) - 1}"
-
-
-LABEL_MACROS = {"chunk_label": chunk_label}
 
 
 class ChunkTask(Protocol):
@@ -41,18 +25,14 @@ class ChunkTask(Protocol):
     def __call__(self, *, chunk: Any) -> Any: ...
 
 
-def task_id(stage: str) -> str:
-    """The task id of a library stage: ``embed-images`` runs as ``embed_images``."""
-    return stage.replace("-", "_")
-
-
 def chunk_task(stage: str, **task_kwargs: Any) -> ChunkTask:
-    """The library stage ``stage`` on one chunk, in the worker's process (``runs.run_stage``)."""
+    """The library stage ``stage`` on one chunk, in the worker's process
+    (``runs.run_chunk_stage``)."""
 
     def run(chunk: dict[str, Any]) -> dict[str, Any]:
-        from sim_airflow.runs import run_stage
+        from sim_airflow.runs import run_chunk_stage
 
-        return run_stage(stage, chunk)
+        return run_chunk_stage(stage, chunk)
 
     run.__name__ = run.__qualname__ = task_id(stage)
     run.__doc__ = f"The ``{stage}`` stage on one chunk."

@@ -199,10 +199,13 @@ def _upsert(conn: Connection, table: sa.Table, rows: list[Mapping[str, Any]],
 
 
 def _opened_run(run_id: str, source: str, model: str, rows_total: int,
-                columns: Sequence[str] | None, delimiter: str | None) -> dict[str, Any]:
-    """A ``scoring_runs`` row for a run that starts now."""
+                columns: Sequence[str] | None, delimiter: str | None,
+                started_at: datetime | None = None) -> dict[str, Any]:
+    """A ``scoring_runs`` row for a run that starts now (or started at ``started_at``, before
+    its input was checked and planned)."""
     now = _now()
-    return {"run_id": run_id, "source": storable(source), "model": model, "started_at": now,
+    return {"run_id": run_id, "source": storable(source), "model": model,
+            "started_at": started_at or now,
             "finished_at": None, "status": "running", "rows_total": rows_total,
             "rows_ok": None, "rows_error": None, "input_columns": _json(columns),
             "input_delimiter": delimiter, "updated_at": now}
@@ -397,7 +400,8 @@ class ResultsDB:
 
     @_retried
     def start_run(self, run_id: str, source: str, model: str, rows_total: int,
-                  columns: Sequence[str] | None = None, delimiter: str | None = None) -> None:
+                  columns: Sequence[str] | None = None, delimiter: str | None = None,
+                  started_at: datetime | None = None) -> None:
         """Open (or reopen) a run; rows past the end of a re-planned, shorter input go away.
 
         ``columns`` and ``delimiter`` describe the input file, so the scored CSV can be exported
@@ -410,7 +414,8 @@ class ResultsDB:
                 similarity_scores.c.row_number >= rows_total))
             conn.execute(stage_timings.delete().where(stage_timings.c.run_id == run_id))
             _upsert(conn, scoring_runs,
-                    [_opened_run(run_id, source, model, rows_total, columns, delimiter)])
+                    [_opened_run(run_id, source, model, rows_total, columns, delimiter,
+                                 started_at)])
 
     @_retried
     def open_run_if_absent(self, run_id: str, source: str, model: str, rows_total: int,

@@ -98,7 +98,7 @@ class Run:
         it (an s3:// object downloaded for planning, say); without ``run_id`` the run is named
         after the input's content.
         """
-        started = time.monotonic()
+        started, started_at = time.monotonic(), datetime.now(UTC)  # the run's wall time from here
         path = Path(input_path)
         check_input(path, self.settings)  # before the model check: a bad input fails in a second
         run_id = run_id or default_run_id(path, self.settings)
@@ -108,7 +108,7 @@ class Run:
             plan = plan_csv(path, self.store, self.settings, run_id)
         if self.results is not None:
             self.results.start_run(plan.run_id, source or str(input_path), self.settings.model,
-                                   plan.rows, plan.columns, plan.delimiter)
+                                   plan.rows, plan.columns, plan.delimiter, started_at)
         self.record(plan.run_id, PLAN, RUN_LEVEL, time.monotonic() - started)
         return plan
 

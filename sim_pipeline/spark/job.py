@@ -1,0 +1,142 @@
+"""``sim-pipeline spark INPUT OUTPUT``: read a CSV or parquet input, score it on Spark, write
+parquet (or, for an OUTPUT ending in ``.csv``, the CLI's scored CSV).
+
+The same command runs under spark-submit (``python -m sim_pipeline.spark``), where the session
+is the one spark-submit configured.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.layout import sha256_hex
+from sim_pipeline.results.scored_csv import scored_csv_writer, scored_fields, scored_header
+from sim_pipeline.spark.executor import CORRUPT_COLUMN
+from sim_pipeline.spark.frame import FrameSource, finish_run, score_frame
+from sim_pipeline.stages.plan import CAPTION_COLUMNS, URL_COLUMNS, find_column
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+
+
+@dataclass(frozen=True)
+class SparkJobSummary:
+    run_id: str
+    rows: int
+    scored: int
+    output: str
+
+    def render(self) -> str:
+        return (f"run       {self.run_id}\nrows      {self.rows}: {self.scored} scored, "
+                f"{self.rows - self.scored} errors\noutput    {self.output}")
+
+
+def spark_path(location: str) -> str:
+    """``s3://`` as Hadoop's S3A connector names it; local paths and other schemes unchanged."""
+    return "s3a://" + location[len("s3://"):] if location.startswith("s3://") else location
+
+
+def check_local_input(location: str) -> None:
+    """A local input that is not there is refused at once, before Spark starts."""
+    if "://" not in location and not Path(location).exists():
+        raise UserError(f"Input {location} does not exist.")
+
+
+def read_input(spark: SparkSession, location: str) -> tuple[DataFrame, FrameSource]:
+    """The input as a frame of text columns, read with the CLI's CSV rules: a header row,
+    quoted fields with line breaks and doubled quotes, a row with more fields than the header
+    kept whole beside the row (it becomes ``malformed_row``)."""
+    check_local_input(location)
+    suffix = Path(location.rstrip("/")).suffix.lower()
+    path = spark_path(location)
+    if suffix not in CSV_SUFFIXES:
+        return _spark_read(lambda: spark.read.parquet(path), location), FrameSource(location)
+    delimiter = CSV_SUFFIXES[suffix]
+    options = {"header": "true", "multiLine": "true", "escape": '"', "sep": delimiter,
+               "encoding": "UTF-8", "mode": "PERMISSIVE",
+               "columnNameOfCorruptRecord": CORRUPT_COLUMN}
+    header = _spark_read(lambda: spark.read.options(**options).csv(path), location).schema
+    if not header.fields:
+        raise UserError(f"Input file {location} is empty: it needs a header row.")
+    df = _spark_read(lambda: spark.read.options(**options)
+                     .schema(header.add(CORRUPT_COLUMN, "string")).csv(path), location)
+    return df, FrameSource(location, delimiter, from_csv=True)
+
+
+def _spark_read(read, location: str) -> DataFrame:  # noqa: ANN001 - a thunk
+    from pyspark.errors import AnalysisException
+
+    try:
+        return read()
+    except AnalysisException as error:
+        first = str(error).strip().splitlines()[0]
+        raise UserError(f"Cannot read {location} with Spark: {first}") from None
+
+
+def default_run_id(location: str, settings: Settings) -> str:
+    """Named after the input and the settings that change results, like the CLI's run ids."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(location.rstrip("/")).stem).strip("-")[:40]
+    digest = sha256_hex("|".join([location, settings.model, settings.variant]))[:12]
+    return f"{stem or 'input'}-{digest}"
+
+
+def run_spark_job(spark: SparkSession, location: str, output: str, settings: Settings,
+                  record: bool = False, run_id: str | None = None) -> SparkJobSummary:
+    df, source = read_input(spark, location)
+    columns = [c for c in df.columns if c != CORRUPT_COLUMN]
+    url_col = columns[find_column(columns, URL_COLUMNS, settings.url_column, "url")]
+    caption_col = columns[find_column(columns, CAPTION_COLUMNS, settings.caption_column,
+                                      "caption")]
+    run_id = run_id or default_run_id(location, settings)
+    scored = score_frame(df, url_col, caption_col, settings, record=record, run_id=run_id,
+                         source=source)
+    try:
+        if output.lower().endswith(".csv"):
+            counts = _write_csv(scored, columns, output, source.delimiter)
+        else:
+            scored.write.mode("overwrite").parquet(spark_path(output))
+            counts = _counts(spark.read.parquet(spark_path(output)))
+    except BaseException:
+        if record:
+            finish_run(settings, run_id, succeeded=False)
+        raise
+    if record:
+        finish_run(settings, run_id, succeeded=True)
+    return SparkJobSummary(run_id, *counts, output)
+
+
+def _counts(scored: DataFrame) -> tuple[int, int]:
+    from pyspark.sql import functions as F
+
+    row = scored.agg(F.count(F.lit(1)), F.count("similarity")).first()
+    return int(row[0]), int(row[1])
+
+
+def _write_csv(scored: DataFrame, columns: list[str], output: str,
+               delimiter: str) -> tuple[int, int]:
+    """The CLI's scored CSV, one file: scored on the cluster in parallel (and kept), then
+    streamed to the driver a partition at a time in row order."""
+    if "://" in output:
+        raise UserError(f"{output}: a scored CSV is written on this machine; give a local path, "
+                        "or write parquet (an OUTPUT not ending in .csv) to S3.")
+    from pyspark import StorageLevel
+
+    kept = scored.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = _counts(kept)
+        with scored_csv_writer(output, delimiter) as writer:
+            writer.writerow(scored_header(columns))
+            for row in kept.toLocalIterator():
+                values = ["" if v is None else v if isinstance(v, str) else str(v)
+                          for v in row[:len(columns)]]
+                writer.writerow(scored_fields(values, row["similarity"], row["error"]))
+    finally:
+        kept.unpersist()
+    return counts

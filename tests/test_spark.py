@@ -1,0 +1,273 @@
+"""Scoring on a real Spark cluster: ``local-cluster[2,1,1024]`` starts two executor JVMs, each
+with its own Python workers, on 127.0.0.1. One cluster serves the whole module.
+
+The store is S3 (SeaweedFS), reached through ``Settings.s3`` alone: the executors have no AWS
+variables, so the settings must reach them as data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import sqlalchemy as sa
+
+from sim_pipeline.core.config import Settings
+from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.store import S3Options, open_store, read_json
+from sim_pipeline.runners.pipeline import score_csv
+from sim_pipeline.spark.executor import MODEL_LOADS_PREFIX
+from sim_pipeline.spark.job import run_spark_job
+from sim_pipeline.spark.session import NO_JAVA, java_problem
+from tests.conftest import ImageServer, Route, make_image
+from tests.pairs import mixed_cases, read_csv, write_cases
+from tests.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
+
+pytest_plugins = ["tests.plugin_s3"]
+MASTER = "local-cluster[2,1,1024]"
+BATCH_ROWS = 8  # Arrow batch size: each Python worker scores several batches per job
+LIMITS = {"max_image_bytes": 200_000, "max_pixels": 1_000_000}  # small, for too_large & co.
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[object]:
+    problem = java_problem()
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    from pyspark.sql import SparkSession
+
+    for name, value in (("SPARK_LOCAL_IP", "127.0.0.1"), ("PYSPARK_PYTHON", sys.executable),
+                        ("PYSPARK_DRIVER_PYTHON", sys.executable)):
+        os.environ[name] = value
+    session = (SparkSession.builder.master(MASTER).appName("sim-pipeline-tests")
+               .config("spark.driver.host", "127.0.0.1")
+               .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(BATCH_ROWS))
+               .config("spark.ui.enabled", "false")
+               .getOrCreate())
+    try:
+        yield session
+    finally:
+        session.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def refusing_port(image_server: ImageServer) -> Iterator[int]:
+    """A loopback port held bound but never listening, so a connection to it is refused for
+    the whole module: a port merely closed could be taken meanwhile by one of Spark's own
+    servers (which answer 404)."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        before, image_server.closed_port = image_server.closed_port, held.getsockname()[1]
+        try:
+            yield image_server.closed_port
+        finally:
+            image_server.closed_port = before
+
+
+def error_file(server: ImageServer, path: Path, prefix: str) -> tuple[Path, set[str]]:
+    """Every error class the pipeline has, in one CSV: the shared mixed cases plus the rows only
+    a raw file can hold (more fields than the header, bytes that are not UTF-8)."""
+    cases = mixed_cases(server, prefix=prefix)
+    write_cases(path, cases)
+    big = make_image(seed=11, size=(900, 900))
+    extra = {
+        "too_large": server.add(f"/{prefix}/big.jpg", Route(body=big + b"\0" * 300_000)),
+        "robots_disallowed": server.add(f"/{prefix}/noai.jpg", Route(
+            body=make_image(seed=12), headers={"X-Robots-Tag": "noai"})),
+        "too_many_pixels": server.add(f"/{prefix}/huge.png", Route(
+            body=make_image(seed=13, fmt="PNG", size=(1200, 1000)), content_type="image/png")),
+    }
+    good = cases[0].url
+    with path.open("ab") as handle:  # CRLF, as csv.writer ended the rows above
+        for code, url in extra.items():
+            handle.write(f"x-{code},{url},caption for {code},n\r\n".encode())
+        handle.write(f"x-malformed,{good},extra fields,n,one too many\r\n".encode())
+        handle.write(f"x-encoding,{good},caf\xe9 bytes\xff,n\r\n".encode("latin-1"))
+        handle.write(b"x-credentials,http://user:pw@127.0.0.1/x.jpg,creds,n\r\n")
+        handle.write(b"x-short,http://127.0.0.1/short.jpg\r\n")
+    expected = {c.expected_error for c in cases if c.expected_error} | set(extra) | {
+        "malformed_row", "invalid_encoding", "credentials_in_url"}
+    return path, expected
+
+
+def spark_settings(settings: Settings, seaweedfs: SeaweedFS, prefix: str,
+                   **changes: object) -> Settings:
+    s3 = S3Options(endpoint_url=seaweedfs.endpoint, region_name="us-east-1",
+                   aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+    return settings.replace(store=f"s3://{seaweedfs.bucket}/{prefix}", s3=s3,
+                            **LIMITS, **changes)
+
+
+def cli_output(settings: Settings, source: Path, tmp_path: Path) -> list[list[str]]:
+    output = tmp_path / "cli_scored.csv"
+    score_csv(source, settings.replace(**LIMITS, store=str(tmp_path / "cli-store")), output,
+              progress=False)
+    return read_csv(output)
+
+
+def model_load_notes(settings: Settings, run_id: str) -> list[dict]:
+    store = open_store(settings.store, settings.s3)
+    return [read_json(store, key) for key in store.list_keys()
+            if key.startswith(f"{MODEL_LOADS_PREFIX}/{run_id}/")]
+
+
+def chunk_count(settings: Settings, run_id: str) -> int:
+    store = open_store(settings.store, settings.s3)
+    return sum(1 for key in store.list_keys()
+               if key.startswith(f"runs/{run_id}/") and key.endswith("/rows.jsonl"))
+
+
+def test_spark_output_is_the_cli_output_on_every_error_class(
+        spark, settings: Settings, image_server: ImageServer, seaweedfs: SeaweedFS,
+        tmp_path: Path) -> None:
+    source, expected = error_file(image_server, tmp_path / "pairs.csv", "spark-parity")
+    cli = cli_output(settings, source, tmp_path)
+    on_spark = spark_settings(settings, seaweedfs, "parity")
+    output = tmp_path / "spark_scored.csv"
+
+    summary = run_spark_job(spark, str(source), str(output), on_spark, run_id="parity")
+
+    assert read_csv(output) == cli
+    assert output.read_bytes() == (tmp_path / "cli_scored.csv").read_bytes()
+    codes = {row[-1] for row in cli[1:] if row[-1]}
+    assert expected <= codes, expected - codes
+    assert summary.rows == len(cli) - 1
+    assert summary.scored == sum(1 for row in cli[1:] if row[-2])
+    # The model loads once per Python worker, however many batches that worker scores.
+    notes = model_load_notes(on_spark, "parity")
+    assert len(notes) >= 2, notes  # both executors scored
+    assert all(note["tower_loads"] == 2 for note in notes), notes  # image + text tower, once
+    assert chunk_count(on_spark, "parity") > len(notes)  # workers reused across batches
+
+
+def test_parquet_output_keeps_column_types_and_nulls(
+        spark, settings: Settings, image_server: ImageServer, seaweedfs: SeaweedFS,
+        tmp_path: Path) -> None:
+    from pyspark.sql import functions as F
+
+    source, _ = error_file(image_server, tmp_path / "pairs.csv", "spark-parity")
+    cli = cli_output(settings, source, tmp_path)
+    output = tmp_path / "scored.parquet"
+    run_spark_job(spark, str(source), str(output),  # the parity test's store: caches warm
+                  spark_settings(settings, seaweedfs, "parity"), run_id="parquet")
+
+    scored = spark.read.parquet(str(output))
+    assert scored.columns == cli[0]
+    assert dict(scored.dtypes)["similarity"] == "double"
+    rows = scored.orderBy(F.col("id")).collect()  # ids are unique in the file
+    by_id = {row[0]: row for row in cli[1:]}
+    for row in rows:
+        similarity = "" if row["similarity"] is None else f"{row['similarity']:.4f}"
+        assert (similarity, row["error"] or "") == tuple(by_id[row["id"]][-2:])
+        assert (row["similarity"] is None) != (row["error"] is None)
+
+
+def running_python_workers() -> list[psutil.Process]:
+    """This test session's executor Python workers: ``pyspark.daemon`` children of a daemon."""
+    workers = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "pyspark.daemon" in " ".join(child.cmdline()) and \
+                    "pyspark.daemon" in " ".join(child.parent().cmdline()):
+                workers.append(child)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+            continue
+    return workers
+
+
+def test_killed_python_worker_is_retried_without_duplicate_rows(
+        spark, settings: Settings, image_server: ImageServer, seaweedfs: SeaweedFS,
+        pg_url: str, tmp_path: Path) -> None:
+    source, _ = error_file(image_server, tmp_path / "pairs.csv", "spark-kill")
+    slow = image_server.add("/spark-kill/slow-but-fine.jpg",
+                            Route(body=make_image(seed=21), delay=2.0))
+    with source.open("a") as handle:
+        handle.write(f"x-slow,{slow},a slow image,n\r\n")
+    cli = cli_output(settings, source, tmp_path)
+    on_spark = spark_settings(settings, seaweedfs, "kill", database_url=pg_url)
+    output = tmp_path / "spark_scored.csv"
+    outcome: dict[str, object] = {}
+
+    def job() -> None:
+        try:
+            outcome["summary"] = run_spark_job(spark, str(source), str(output), on_spark,
+                                               record=True, run_id="spark-kill")
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while image_server.requests["/spark-kill/slow-but-fine.jpg"] == 0:
+        assert time.monotonic() < deadline and thread.is_alive(), outcome
+        time.sleep(0.05)
+    killed = running_python_workers()
+    assert killed, "no executor Python worker was running mid-job"
+    for worker in killed:
+        os.kill(worker.pid, signal.SIGKILL)
+    thread.join(300)
+
+    assert "error" not in outcome, outcome
+    for worker in killed:
+        assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
+    assert image_server.requests["/spark-kill/slow-but-fine.jpg"] >= 2  # the task ran again
+    assert read_csv(output) == cli
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT row_number, similarity, error FROM similarity_scores "
+            "WHERE run_id = 'spark-kill' ORDER BY row_number")).all()
+        run = conn.execute(sa.text(
+            "SELECT status, rows_total, rows_ok, rows_error FROM scoring_runs "
+            "WHERE run_id = 'spark-kill'")).one()
+    engine.dispose()
+    assert [r[0] for r in rows] == list(range(len(cli) - 1))  # each row once
+    assert [("" if r[1] is None else f"{r[1]:.4f}", r[2] or "") for r in rows] == \
+        [tuple(row[-2:]) for row in cli[1:]]
+    scored = sum(1 for row in cli[1:] if row[-2])
+    assert tuple(run) == ("succeeded", len(cli) - 1, scored, len(cli) - 1 - scored)
+    notes = model_load_notes(on_spark, "spark-kill")
+    assert notes and all(note["tower_loads"] == 2 for note in notes), notes
+    assert {note["pid"] for note in notes}.isdisjoint(w.pid for w in killed)
+
+
+def test_a_missing_or_non_text_column_is_refused_before_any_job(
+        spark, settings: Settings) -> None:
+    from sim_pipeline.spark import score_frame
+
+    frame = spark.createDataFrame([("http://127.0.0.1/x.jpg", 1)], "url string, caption int")
+    jobs_before = len(spark.sparkContext.statusTracker().getJobIdsForGroup())
+    with pytest.raises(UserError, match=r"^No url column found \(looked for link;"):
+        score_frame(frame, url_col="link", settings=settings)
+    with pytest.raises(UserError, match=r"^Column 'caption' holds int values, not text;"):
+        score_frame(frame, settings=settings)
+    assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before
+
+
+def test_a_missing_java_runtime_is_named_in_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", "")
+    assert java_problem() == NO_JAVA
+    from sim_pipeline.spark.session import spark_session
+
+    with pytest.raises(UserError, match="^Spark needs a Java runtime"):
+        spark_session("local[1]")
+
+
+def test_the_command_refuses_a_missing_input_before_starting_spark(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sim_pipeline.cli import main
+
+    missing = tmp_path / "missing.csv"
+    assert main(["spark", str(missing), str(tmp_path / "out.parquet")]) == 2
+    assert capsys.readouterr().err == f"sim-pipeline: error: Input {missing} does not exist.\n"
+    assert not (tmp_path / "out.parquet").exists()
