@@ -416,6 +416,14 @@ def csv_chunks(header: list[str], url_index: int, caption_index: int, rows: Iter
         number += len(values)
 
 
+def normalise_csv_rows(header: list[str], url_index: int, caption_index: int,
+                       rows: Iterable[CsvRow]) -> Iterator[InputRow]:
+    """One ``InputRow`` per parsed row, numbered from 0 (for callers that want rows, not chunk
+    tables); classified exactly as ``csv_chunks`` classifies them."""
+    for table in csv_chunks(header, url_index, caption_index, rows, 4096):
+        yield from rows_of(table)
+
+
 def _columns(first: int, values: list[list[str]], codes: list[str | None], url_index: int,
              caption_index: int, url_memo: Memo, caption_memo: Memo) -> pa.Table:
     """One chunk's table from its rows' values, each distinct URL and caption checked once."""
@@ -544,7 +552,12 @@ def read_chunk_table(store: ObjectStore, chunk: ChunkRef) -> pa.Table:
 
 def read_chunk_rows(store: ObjectStore, chunk: ChunkRef) -> list[InputRow]:
     """The chunk's rows, verified, one object each (for callers that need rows, not columns)."""
-    columns = read_chunk_table(store, chunk).to_pydict()
+    return rows_of(read_chunk_table(store, chunk))
+
+
+def rows_of(table: pa.Table) -> list[InputRow]:
+    """A chunk table's rows, one object each."""
+    columns = table.to_pydict()
     return [InputRow(*values) for values in zip(
         columns["row"], columns["url"], columns["url_hash"], columns["caption"],
         columns["error"], columns["fields"], strict=True)]
