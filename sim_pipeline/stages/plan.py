@@ -22,6 +22,7 @@ import codecs
 import csv
 import hashlib
 import itertools
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,6 +79,14 @@ class InputRow:
     caption: str
     error: str | None
     fields: list[str]
+
+    def to_json(self) -> str:
+        """ASCII only: no value can put a line break (U+2028, U+0085, ...) into a JSON line."""
+        return json.dumps(self.__dict__, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, line: str) -> InputRow:
+        return cls(**json.loads(line))
 
 
 @dataclass(frozen=True)
