@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,14 @@ from sim_pipeline.core.config import Settings
 from sim_pipeline.core.store import LocalStore
 from sim_pipeline.core.urls import UnknownHost, url_problem
 from sim_pipeline.stages.fetch.guard import system_resolver
-from sim_pipeline.stages.plan import normalise_row, read_chunk_rows, write_chunks
+from sim_pipeline.stages.long_rows import PART_CHARS, Spill, long_row_text
+from sim_pipeline.stages.plan import (
+    MAX_ROW_CHARS,
+    normalise_row,
+    plan_csv,
+    read_chunk_rows,
+    write_chunks,
+)
 from tests.conftest import ImageServer, Route
 from tests.pairs import read_csv, serve_good_images
 from tests.test_score_cli import score
@@ -183,19 +191,60 @@ def test_a_17_mb_field_costs_its_row_not_the_file(
     source.write_bytes(csv_bytes(rows))
     output = run_cli(source, settings)
     assert [outcome(r) for r in output[1:]] == ["scored", "field_too_long", "scored"]
-    assert output[2][:-2] == ["", "", "", ""]
-    assert output[3][:-2] == rows[2]
+    assert [r[:-2] for r in output[1:]] == rows  # every field as it was read
+    assert output[2][-2:] == ["", "field_too_long"]
+    assert table_rows(settings, "huge")[1][5] == '["","","",""]'  # the table keeps it blank
 
 
-def test_an_unclosed_quote_costs_the_rows_it_swallows(
+def test_a_long_row_is_given_back_as_read_with_few_fields_odd_bytes_and_a_lone_cr(
         tmp_path: Path, settings: Settings, good_urls: list[str]) -> None:
-    source = tmp_path / "quote.csv"
-    source.write_text(f'id,url,caption,notes\n0,{good_urls[0]},fine,\n'
-                      f'1,{good_urls[1]},"never closed,\n2,{good_urls[2]},swallowed,\n',
-                      encoding="utf-8")
+    huge = b'"quoted ""twice"", \r\n\xff' + b"y" * (17 * 1024 * 1024) + b'"'
+    source = tmp_path / "short.csv"
+    source.write_bytes(b"id,url,caption,notes\r\n0," + good_urls[0].encode() + b",before,\r\n"
+                       b"1,not a url," + huge + b"\r\n2," + good_urls[1].encode() + b",after,x")
     output = run_cli(source, settings)
-    assert [outcome(r) for r in output[1:]] == ["scored", "scored"]
-    assert output[2][2] == f"never closed,\n2,{good_urls[2]},swallowed,\n"
+    assert [outcome(r) for r in output[1:]] == ["scored", "field_too_long", "scored"]
+    caption = 'quoted "twice", \r\n\ufffd' + "y" * (17 * 1024 * 1024)
+    assert output[2][:-2] == ["1", "not a url", caption, ""]  # the missing column empty
+    assert output[3][:-2] == ["2", good_urls[1], "after", "x"]
+
+
+def test_a_quote_never_closed_past_the_limit_is_one_row_given_back_whole(
+        tmp_path: Path, settings: Settings, good_urls: list[str]) -> None:
+    swallowed = "".join(f"{i},{good_urls[1]},row {i} {'z' * 80},\n" for i in range(200_000))
+    source = tmp_path / "open.csv"
+    source.write_text(f'id,url,caption,notes\n0,{good_urls[0]},fine,\n'
+                      f'1,{good_urls[2]},"never closed,\n{swallowed}', encoding="utf-8")
+    assert len(swallowed) > MAX_ROW_CHARS
+    output = run_cli(source, settings)
+    assert [outcome(r) for r in output[1:]] == ["scored", "field_too_long"]
+    assert output[2][:-2] == ["1", good_urls[2], f"never closed,\n{swallowed}", ""]
+
+
+def plan_peak(tmp_path: Path, settings: Settings, name: str, caption_chars: int
+              ) -> tuple[int, LocalStore, str]:
+    """Plan one row with a caption of ``caption_chars``; the peak of traced memory meanwhile."""
+    source = tmp_path / f"{name}.csv"
+    source.write_bytes(csv_bytes([["0", "http://h.test/a.jpg", "x" * caption_chars, ""]]))
+    store = LocalStore(tmp_path / name)
+    tracemalloc.start()
+    try:
+        digest = plan_csv(source, store, settings, name).input_digest
+        return tracemalloc.get_traced_memory()[1], store, digest
+    finally:
+        tracemalloc.stop()
+
+
+def test_planning_a_long_row_holds_no_more_of_it_however_long_and_keeps_it_in_parts(
+        tmp_path: Path, settings: Settings) -> None:
+    shorter, _, _ = plan_peak(tmp_path, settings, "shorter", 3 * MAX_ROW_CHARS)
+    longer, store, digest = plan_peak(tmp_path, settings, "longer", 5 * MAX_ROW_CHARS)
+    assert longer < shorter + MAX_ROW_CHARS // 4, (shorter, longer)  # flat past the limit
+    text = long_row_text(Spill(store, "longer", digest), 0, len(HEADER), ",")
+    assert text is not None
+    parts = [len(part) for part in text]
+    assert len(parts) > 4 and max(parts) <= PART_CHARS
+    assert sum(parts) == len("0,http://h.test/a.jpg,") + 5 * MAX_ROW_CHARS + 1
 
 
 @pytest.mark.parametrize(("content", "reason"), [

@@ -52,6 +52,11 @@ def manifest_key(run_id: str, input_digest: str) -> str:
     return f"{plan_prefix(run_id, input_digest)}/manifest.json"
 
 
+def long_row_key(run_id: str, input_digest: str, row: int, part: str) -> str:
+    """A part (``0``, ``1``, ... or ``meta.json``) of a row past the row limit, kept as read."""
+    return f"{plan_prefix(run_id, input_digest)}/long-rows/{row}/{part}"
+
+
 def model_check_key(run_id: str, model: str, backend: str) -> str:
     """Marks that the run's model resolved (config and processor) for this backend, so a rerun
     skips the check and a fully cached rerun never imports transformers."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -52,6 +52,15 @@ class RowWriter:
     def writerow(self, fields: Sequence[str]) -> None:
         writer = self._quoted if any("\r" in field for field in fields) else self._plain
         writer.writerow(fields)
+
+    def write_text(self, text: Iterable[str], similarity: float | None,
+                   error: str | None) -> None:
+        """A row whose input values are already CSV text (``text``, without its line end),
+        followed by its similarity and error code."""
+        for part in text:
+            self.handle.write(part)
+        self.handle.write(self.delimiter)
+        self._plain.writerow(scored_fields([], similarity, error))
 
     def write_columns(self, fields: pa.ListArray, similarity: pa.Array, error: pa.Array) -> None:
         """Rows whose input values are ``fields`` (one list per row, all of one length), as

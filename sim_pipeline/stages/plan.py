@@ -46,6 +46,7 @@ from sim_pipeline.core.store import (
 )
 from sim_pipeline.core.streams import batched
 from sim_pipeline.core.urls import url_problem
+from sim_pipeline.stages.long_rows import LongRow, Spill
 
 URL_COLUMNS = ("url", "image_url", "image", "img_url", "link")
 CAPTION_COLUMNS = ("caption", "text", "caption_text", "title")
@@ -293,13 +294,20 @@ class RowLines:
     Past the limit, the rest of the row is passed on as its skeleton (``_skeleton``), so the csv
     parser still ends the row exactly where it ends, and the next row is read whole again. The
     caller says where a row ends (``next_row``): the reader pulls lines only until a row is done.
+
+    Given a ``spill``, a row's lines are held until it ends or passes the limit; then they and
+    the rest of the row go to the store as read (``LongRow``), so finalize can give it back.
     """
 
     def __init__(self, handle: TextIO, delimiter: str, limit: int = MAX_ROW_CHARS) -> None:
-        self.handle, self.limit = handle, limit
+        self.handle, self.limit, self.delimiter = handle, limit, delimiter
         self.ordinary = re.compile(f'[^"{re.escape(delimiter)}\r\n]+')
         self.row_chars = 0
         self.too_long = False
+        self.spill: Spill | None = None
+        self.row = -1  # the header; data rows are numbered from 0
+        self.held: list[str] = []
+        self.long_row: LongRow | None = None
 
     def __iter__(self) -> RowLines:
         return self
@@ -308,6 +316,8 @@ class RowLines:
         piece = self.handle.readline(_PIECE)
         self.row_chars += len(piece)
         if len(piece) < _PIECE and piece and self.row_chars <= self.limit:
+            if self.spill is not None:
+                self.held.append(piece)
             return piece  # the usual line: whole, and its row still short
         return self._long_line(piece)
 
@@ -321,7 +331,11 @@ class RowLines:
             whole = len(piece) < _PIECE or piece.endswith("\n")
             if self.row_chars > self.limit:
                 self.too_long = True
-                piece = _skeleton(piece, self.ordinary)
+                skeleton = _skeleton(piece, self.ordinary)
+                self._keep_long(piece, skeleton)
+                piece = skeleton
+            elif self.spill is not None:
+                self.held.append(piece)
             pieces.append(piece)
             if whole:
                 break
@@ -330,8 +344,27 @@ class RowLines:
             raise StopIteration
         return "".join(pieces)
 
+    def _keep_long(self, piece: str, skeleton: str) -> None:
+        """Past the limit: the held lines, then each piece, go to the store as read."""
+        if self.spill is None:
+            return
+        if self.long_row is None:
+            self.long_row = LongRow(self.spill, self.row, self.delimiter)
+            for line in self.held:
+                self.long_row.write(line, _skeleton(line, self.ordinary))
+            self.held.clear()
+        self.long_row.write(piece, skeleton)
+
+    def end_row(self, fields: int) -> None:
+        """The csv parser ended the row with ``fields`` values: a long row's last part is kept."""
+        if self.long_row is not None:
+            self.long_row.finish(fields)
+
     def next_row(self) -> None:
         self.row_chars, self.too_long = 0, False
+        self.row += 1
+        self.held.clear()
+        self.long_row = None
 
 
 def _skeleton(text: str, ordinary: re.Pattern[str]) -> str:
@@ -343,8 +376,10 @@ def _skeleton(text: str, ordinary: re.Pattern[str]) -> str:
     return _QUOTES.sub(lambda run: '""' if len(run.group()) % 2 == 0 else '"', text)
 
 
-def read_rows(path: Path, settings: Settings) -> tuple[list[str], int, int, Iterator[CsvRow]]:
+def read_rows(path: Path, settings: Settings, spill: Spill | None = None
+              ) -> tuple[list[str], int, int, Iterator[CsvRow]]:
     """Open the CSV streaming; return its header, URL and caption indexes, and the row iterator.
+    Rows past the limit are kept as read in ``spill`` when one is given (``RowLines``).
 
     Bytes that are not UTF-8 are read as lone surrogates (``surrogateescape``) and repaired per
     row by ``normalise_row``, so they cost only the row they are in.
@@ -364,6 +399,7 @@ def read_rows(path: Path, settings: Settings) -> tuple[list[str], int, int, Iter
         raise UserError(f"Input file {path} has a header row longer than {MAX_ROW_CHARS:,} "
                         "characters; is it a CSV file?")
     lines.next_row()
+    lines.spill = spill
     url_index = find_column(header, URL_COLUMNS, settings.url_column, "url")
     caption_index = find_column(header, CAPTION_COLUMNS, settings.caption_column, "caption")
 
@@ -371,6 +407,7 @@ def read_rows(path: Path, settings: Settings) -> tuple[list[str], int, int, Iter
         with handle:
             try:
                 for fields in reader:
+                    lines.end_row(len(fields))
                     yield CsvRow(fields, lines.too_long)
                     lines.next_row()
             except csv.Error as error:  # only a crafted row (see csv.field_size_limit above)
@@ -507,7 +544,8 @@ def plan_csv(path: str | Path, store: ObjectStore, settings: Settings, run_id: s
     check_input_file(path)
     digest = input_digest(path, settings)
     if not _intact_plan(store, run_id, digest):
-        header, url_index, caption_index, rows = read_rows(path, settings)
+        header, url_index, caption_index, rows = read_rows(
+            path, settings, Spill(store, run_id, digest))
         chunks = write_tables(store, run_id, digest, csv_chunks(
             header, url_index, caption_index, rows, settings.chunk_size))
         plan = RunPlan(run_id, digest, str(path), header, header[url_index],
