@@ -24,7 +24,14 @@ from sim_pipeline.core.config import Settings
 from sim_pipeline.core.store import LocalStore
 from sim_pipeline.core.urls import UnknownHost, url_problem
 from sim_pipeline.stages.fetch.guard import system_resolver
-from sim_pipeline.stages.long_rows import PART_CHARS, Spill, long_row_text
+from sim_pipeline.stages.long_rows import (
+    FIELD_START,
+    PART_CHARS,
+    QUOTED,
+    Spill,
+    after,
+    long_row_text,
+)
 from sim_pipeline.stages.plan import (
     MAX_ROW_CHARS,
     normalise_row,
@@ -219,6 +226,14 @@ def test_a_quote_never_closed_past_the_limit_is_one_row_given_back_whole(
     output = run_cli(source, settings)
     assert [outcome(r) for r in output[1:]] == ["scored", "field_too_long"]
     assert output[2][:-2] == ["1", good_urls[2], f"never closed,\n{swallowed}", ""]
+
+
+@pytest.mark.parametrize(("text", "still_quoted"), [
+    ('a,"b', True), ('a,"b""', True), ('a,"b"', False), ('a,b"c', False), ('""', False),
+    ('"a"b,"c\n', True), ('"a"",x\r\n', True), ('x,"a\n"\n', False)])
+def test_a_long_row_knows_whether_a_quote_is_still_open_at_its_end(
+        text: str, still_quoted: bool) -> None:
+    assert (after(FIELD_START, text, ",") == QUOTED) == still_quoted
 
 
 def plan_peak(tmp_path: Path, settings: Settings, name: str, caption_chars: int
