@@ -7,8 +7,9 @@ Only one chunk is ever held in memory.
 One bad row costs one row: a file is refused as a whole only when it is no CSV text at all
 (``check_input_file``). Inside the file, bytes that are not UTF-8 become U+FFFD (the row gets
 ``invalid_encoding`` when its URL or caption held them), a row longer than ``MAX_ROW_CHARS``
-gets ``field_too_long``, and control characters in a caption are replaced by spaces before it is
-scored.
+gets ``field_too_long``. A caption reaches the model exactly as written (control characters and
+surrounding spaces included, as the family's own processor would get it); NUL is only a storage
+matter, handled where rows are stored.
 
 Chunks are Arrow IPC files, one column per field (``CHUNK_SCHEMA``): later stages read the columns
 they need as arrays, and no value (a line separator, NUL) can change their framing. Checking and
@@ -57,7 +58,6 @@ _PIECE = 1 << 20  # characters read at a time: a huge line is never in memory wh
 # The csv module's own cap only stops crafted rows whose shape (see _skeleton) stays huge.
 csv.field_size_limit(4 * MAX_ROW_CHARS)
 _SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes, as surrogateescape reads them
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc but tab, LF, CR
 _QUOTES = re.compile('""+')
 CHUNK_SCHEMA = pa.schema([
     ("row", pa.int64()), ("url", pa.string()), ("url_hash", pa.string()),
@@ -126,13 +126,6 @@ def repaired(text: str) -> tuple[str, bool]:
     return fixed, count > 0
 
 
-def clean_caption(caption: str) -> str:
-    """The caption the model sees: control characters (NUL, C0 and C1, but tab and line breaks)
-    as spaces, surrounding whitespace stripped. Tokenizers treat such characters differently, and
-    PostgreSQL cannot store NUL, so a caption never carries them past plan."""
-    return _CONTROL.sub(" ", caption).strip()
-
-
 def url_facts(raw: str) -> tuple[str, bool, str | None, str | None]:
     """The URL as scored (repaired, stripped), whether it held undecodable bytes, its problem
     code, its hash."""
@@ -142,9 +135,10 @@ def url_facts(raw: str) -> tuple[str, bool, str | None, str | None]:
 
 
 def caption_facts(raw: str) -> tuple[str, bool, str]:
-    """The caption as scored, whether it held undecodable bytes, and its hash."""
+    """The caption as scored, whether it held undecodable bytes, and its hash. The model gets
+    the caption as written: tokenizers keep control characters (as byte tokens, say), so
+    replacing them would score another text than the reference does."""
     caption, bad = repaired(raw)
-    caption = clean_caption(caption)
     return caption, bad, sha256_hex(caption)
 
 
@@ -170,7 +164,7 @@ def row_error(bad_url: bool, bad_caption: bool, problem: str | None, caption: st
     """A row's input code: undecodable bytes first, then the URL's problem, then no caption."""
     if bad_url or bad_caption:
         return errors.INVALID_ENCODING
-    return problem or (None if caption else errors.MISSING_CAPTION)
+    return problem or (None if caption.strip() else errors.MISSING_CAPTION)
 
 
 def kept_fields(fields: list[str]) -> list[str]:
