@@ -173,7 +173,8 @@ def plan_run() -> list[Chunk]:
 def plan_chunks(context: Context, settings: Settings, location: str) -> list[Chunk]:
     from sim_pipeline.runners import dispatch
 
-    check_model_folder(settings.model)
+    if not settings.inference_url:  # else the model server holds it, and plan asks it
+        check_model_folder(settings.model)
     hook = s3_hook() if is_s3(location) else None  # one for the check and the download
     check_input(location, context, hook)
     with fail_at_once_when_hopeless(INPUT_FIELD), local_copy(location, hook) as path:
