@@ -24,6 +24,8 @@ The stack's names are kept in its folder (``config.json``): the databases are
 the same one after; ``up`` prints them, and ``env`` emits the exports under which ``airflow ...``
 and ``sim-pipeline results ...`` talk to this stack.
 
+``up --no-workers`` starts no worker: they run on other hosts (docs/deployment.md).
+
 ``up`` starts a detached supervisor (``supervise``) and returns once the UI answers. Like
 Compose's ``restart: always``, the supervisor restarts any component that dies, killing first
 whatever the dead one left in its process group: a SIGKILLed worker's queue is consumed again

@@ -163,3 +163,26 @@ def test_workers_in_their_own_namespaces_score_like_the_cli(
     cli_rows = output_rows(cli_out.read_text(encoding="utf-8"))
     assert len(cli_rows) == ROWS and all(r.get("error") in ("", None) for r in cli_rows)
     assert output_rows(scored.decode("utf-8")) == cli_rows
+
+
+def test_the_workers_see_neither_the_hosts_files_nor_its_loopback(
+        workerless_stack: Stack, remote_workers: dict[str, Namespace],
+        remote_env: dict[str, str]) -> None:
+    """What the run above relied on: the stack's folder and the model's are out of a worker's
+    sight, and the servers on 127.0.0.1 out of its reach."""
+    model = remote_env["SIM_PIPELINE_MODEL"]
+    pg_port = stack_module.make_url(workerless_stack.config.admin_url).port or 5432
+    for namespace in remote_workers.values():
+        [worker] = namespace.processes
+        assert worker.poll() is None
+        root = Path(f"/proc/{worker.pid}/root")  # the worker's view of the file system
+        assert (root / str(REPO).lstrip("/") / "dags").is_dir()
+        for hidden in (workerless_stack.home, Path(model)):
+            assert hidden.exists()
+            assert not (root / str(hidden).lstrip("/")).exists(), hidden
+        for address in ("127.0.0.1", namespace.host_address):
+            probe = subprocess.run(
+                ["ip", "netns", "exec", namespace.name, "bash", "-c",
+                 f"exec 3<>/dev/tcp/{address}/{pg_port}"], capture_output=True, timeout=30)
+            reached = probe.returncode == 0
+            assert reached == (address == namespace.host_address), (address, probe.stderr)
