@@ -345,5 +345,9 @@ def test_a_run_that_fails_after_planning_is_marked_failed(runs: Runs, pg_url: st
     assert "/dev/null is not a writable folder; check the trigger form's 'output_path' field." \
         in runs.output
     status = run_status(pg_url, run["run_id"])
+    assert status is not None and status["failure"].startswith("finalize: Cannot write the "), \
+        status
+    assert status["failure"].endswith("/dev/null is not a writable folder; check the trigger "
+                                      "form's 'output_path' field."), status
     assert status["status"] == "failed" and status["finished_at"] is not None
     assert len(score_rows(pg_url, run["run_id"])) == ROWS  # the chunks' rows stay, findable
