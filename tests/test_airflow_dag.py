@@ -245,7 +245,9 @@ def test_a_csv_path_that_does_not_exist_fails_at_once_without_retries(runs: Runs
     assert plan == [["plan_chunks", -1, "failed", 1]]  # a retry could not make the file appear
     assert "no-such-file.csv does not exist; check the trigger form's 'csv_path' field." \
         in runs.output
-    assert_recorded_failed(pg_url, wrong["run_id"])
+    assert_recorded_failed(pg_url, wrong["run_id"],
+                           "no-such-file.csv does not exist; check the trigger form's 'csv_path' "
+                           "field.")
 
 
 def assert_recorded_failed(pg_url: str, run_id: str, failure: str) -> None:
