@@ -195,3 +195,27 @@ def test_auto_precision_keeps_narrow_models_in_fp32_and_wide_ones_in_bf16_where_
     expected = "bf16" if cpu_supports_bf16() else "fp32"
     assert resolved_precision("cpu", "auto", str(wide)) == expected
     assert resolved_precision("cpu", "fp32", str(wide)) == "fp32"
+
+
+CONTROL_CAPTIONS = ["tab\tand\x07bell\x1bescape", "  spaces around  ", "nul\0inside",
+                    "c1\x85\x9c controls", "form\x0cfeed\x7fdel"]
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_captions_with_control_characters_score_as_the_reference_tokenizes_them(
+        family: str, request: pytest.FixtureRequest, tmp_path: Path, settings: Settings,
+        tiny_model: Path, image_server: ImageServer) -> None:
+    """The model gets the caption exactly as written: replacing control characters (or
+    stripping spaces) would score another text than the family's own processor does."""
+    model = tiny_model if family == "clip" else request.getfixturevalue("siglip_model")
+    urls = serve_good_images(image_server, len(CONTROL_CAPTIONS), prefix=f"controls-{family}")
+    bodies = [image_server.routes[u.removeprefix(image_server.url(""))].body for u in urls]
+    expected = reference_similarities(model, bodies, CONTROL_CAPTIONS)
+    run = settings.replace(model=str(model), precision="fp32")
+    source = write_cases(tmp_path / "pairs.csv", [Case(u, c, None) for u, c in
+                                                   zip(urls, CONTROL_CAPTIONS, strict=True)])
+    assert score(source, run) == 0
+    rows = read_csv(tmp_path / "pairs_scored.csv")[1:]
+    assert [r[-1] for r in rows] == [""] * len(CONTROL_CAPTIONS)
+    for row, want in zip(rows, expected, strict=True):
+        assert float(row[-2]) == pytest.approx(want, abs=1e-3), row

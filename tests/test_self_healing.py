@@ -80,7 +80,8 @@ def test_damaged_objects_without_xattrs_are_caught_and_recomputed(
     vector.write_bytes(os.urandom(vector.stat().st_size))  # garbage of the right size
     record = next(p for p in files(store, "images") if p.suffix == ".json")
     record.write_text(record.read_text().replace('"status":200', '"status":201'))
-    for path in [p for p in files(store, "runs") if "-embeddings." in p.name]:
+    chunk_outputs = ("-embeddings.", "known-", "fetched.arrow")  # sets and per-chunk indexes
+    for path in [p for p in files(store, "runs") if any(s in p.name for s in chunk_outputs)]:
         path.unlink()  # the chunks must be embedded again, from the (partly damaged) cache
     capsys.readouterr()
     assert score(source, settings, "--chunk-size", "5") == 0

@@ -123,7 +123,7 @@ def model_load_notes(settings: Settings, run_id: str) -> list[dict]:
 def chunk_count(settings: Settings, run_id: str) -> int:
     store = open_store(settings.store, settings.s3)
     return sum(1 for key in store.list_keys()
-               if key.startswith(f"runs/{run_id}/") and key.endswith("/rows.jsonl"))
+               if key.startswith(f"runs/{run_id}/") and key.endswith("/rows.arrow"))
 
 
 def test_spark_output_is_the_cli_output_on_every_error_class(

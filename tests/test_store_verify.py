@@ -62,13 +62,15 @@ def flip_a_byte(path: Path) -> None:
 def edit_without_xattr(path: Path) -> None:
     """An edit by a tool that drops extended attributes: only the results' record can tell."""
     os.removexattr(path, XATTR)
-    path.write_bytes(path.read_bytes().replace(b'"similarity":', b'"similarity": ', 1))
+    data = path.read_bytes()
+    assert b"similarity" in data
+    path.write_bytes(data.replace(b"similarity", b"similaritx", 1))
 
 
 DAMAGES: dict[str, tuple[str, Callable[[Path], None]]] = {
-    "truncated chunk rows": ("*/chunks/00000/rows.jsonl", truncate),
-    "results with a flipped byte": ("*/chunks/00001/results.*.jsonl", flip_a_byte),
-    "results edited without their xattr": ("*/chunks/00000/results.*.jsonl", edit_without_xattr),
+    "truncated chunk rows": ("*/chunks/00000/rows.arrow", truncate),
+    "results with a flipped byte": ("*/chunks/00001/results.*.arrow", flip_a_byte),
+    "results edited without their xattr": ("*/chunks/00000/results.*.arrow", edit_without_xattr),
 }
 
 
@@ -120,7 +122,7 @@ def test_a_successful_rerun_after_a_kill_leaves_no_debris(
     killed = dead_pid()
     debris = [temp_beside(tmp_path / "pairs_scored.csv", killed),
               temp_beside(files(store, "embeddings")[0], killed),
-              temp_beside(one(store, "*/chunks/00000/rows.jsonl"), killed), stale_lease(store)]
+              temp_beside(one(store, "*/chunks/00000/rows.arrow"), killed), stale_lease(store)]
     old = temp_beside(files(store, "images")[0], 1)  # another host's writer, long gone
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     assert score(source, settings, "--chunk-size", "5") == 0

@@ -82,7 +82,7 @@ class ChunkRef:
     index: int
     first_row: int
     rows: int
-    sha256: str | None = None  # of the chunk's rows.jsonl: verified whenever it is read
+    sha256: str | None = None  # of the chunk's rows.arrow: verified whenever it is read
 
     @property
     def prefix(self) -> str:
@@ -90,7 +90,7 @@ class ChunkRef:
 
     @property
     def rows_key(self) -> str:
-        return f"{self.prefix}/rows.jsonl"
+        return f"{self.prefix}/rows.arrow"
 
     @property
     def fetch_key(self) -> str:
@@ -103,11 +103,11 @@ class ChunkRef:
         return f"{self.prefix}/text-embeddings.{tag}"
 
     def results_key(self, tag: str) -> str:
-        return f"{self.prefix}/results.{tag}.jsonl"
+        return f"{self.prefix}/results.{tag}.arrow"
 
     def results_meta_key(self, tag: str) -> str:
         """Written after the results: their digest and row count; its presence means done."""
-        return f"{self.prefix}/results.{tag}.json"
+        return f"{self.prefix}/results.{tag}.meta.json"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

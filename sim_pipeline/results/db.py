@@ -23,12 +23,16 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from sim_pipeline.core.config import DEFAULT_RETRY_SECONDS
 from sim_pipeline.core.errors import UserError
+from sim_pipeline.results import binary_copy
 
 # Numbered DDL files shipped inside the package (read as package data, so a wheel has them too).
 MIGRATIONS = resources.files("sim_pipeline.results") / "migrations"
@@ -260,6 +264,68 @@ def _copy_replace(conn: Connection, rows: list[Mapping[str, Any]], scored_at: da
                 copy.write_row(_score_values(row, scored_at))
 
 
+_JSON_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t",
+                 "\b": "\\b", "\f": "\\f"}
+
+
+def storable_column(values: pa.Array) -> pa.Array:
+    """``storable`` over a column."""
+    return pc.replace_substring(values, "\0", "\ufffd")
+
+
+def json_lists(lists: pa.Array) -> pa.Array:
+    """Each list of strings as ``_json`` writes it (compact JSON, non-ASCII kept), by columns."""
+    values = storable_column(lists.flatten())
+    for char in sorted(_controls_in(values), key=lambda c: c != "\\"):  # backslash first
+        escape = _JSON_ESCAPES.get(char, f"\\u{ord(char):04x}")
+        values = pc.replace_substring(values, char, escape)
+    quoted = pc.binary_join_element_wise('"', values, '"', "")
+    joined = pc.binary_join(pa.ListArray.from_arrays(lists.offsets, quoted), ",")
+    return pc.binary_join_element_wise("[", joined, "]", "")
+
+
+def _controls_in(values: pa.Array) -> set[str]:
+    """The characters JSON escapes that occur in ``values`` (backslash first, then the rest)."""
+    found = {c for c in ("\\", '"') if pc.any(pc.match_substring(values, c)).as_py()}
+    if pc.any(pc.match_substring_regex(values, "[\x01-\x1f]")).as_py():
+        found |= {chr(code) for code in range(1, 32)}
+    return found
+
+
+def _score_fields(run_id: str, model: str, rows: pa.Table, results: pa.Table,
+                  scored_at: datetime) -> list[binary_copy.Field]:
+    """A chunk's columns in ``SCORE_COLUMNS`` order, encoded for binary COPY."""
+    similarity, cosine = results["similarity"].combine_chunks(), \
+        results["cosine"].combine_chunks()
+    null = similarity.is_null().to_numpy(zero_copy_only=False)
+
+    def text(name: str, table: pa.Table = rows) -> pa.Array:
+        return binary_copy.text_field(storable_column(table[name].combine_chunks()))
+
+    return [binary_copy.text_constant(run_id),
+            binary_copy.int8_field(rows["row"].to_numpy()),
+            text("url"), text("url_hash"), text("caption"), text("caption_hash"),
+            binary_copy.text_constant(model),
+            binary_copy.float8_field(similarity.fill_null(0.0).to_numpy(), null),
+            binary_copy.float8_field(cosine.fill_null(0.0).to_numpy(), null),
+            text("error", results),
+            binary_copy.timestamptz_constant(scored_at),
+            binary_copy.text_field(json_lists(rows["fields"].combine_chunks()))]
+
+
+def _column_rows(run_id: str, model: str, rows: pa.Table, results: pa.Table
+                 ) -> list[dict[str, Any]]:
+    """A chunk's columns as the rows ``upsert_scores`` takes (databases without binary COPY)."""
+    data, scored = rows.to_pydict(), results.to_pydict()
+    return [{"run_id": run_id, "row_number": number, "image_url": url, "url_hash": url_hash,
+             "caption": caption, "caption_hash": caption_hash, "model": model,
+             "similarity": similarity, "cosine": cosine, "error": error, "input_fields": fields}
+            for number, url, url_hash, caption, caption_hash, fields, similarity, cosine, error
+            in zip(data["row"], data["url"], data["url_hash"], data["caption"],
+                   data["caption_hash"], data["fields"], scored["similarity"], scored["cosine"],
+                   scored["error"], strict=True)]
+
+
 class DatabaseUnavailable(UserError):
     """The results database stopped answering (or cannot be written) and retrying did not help."""
 
@@ -421,6 +487,39 @@ class ResultsDB:
             conn.execute(scoring_runs.update().where(scoring_runs.c.run_id.in_(run_ids))
                          .values(updated_at=scored_at))
         return len(ordered)
+
+    def upsert_score_columns(self, run_id: str, model: str, rows: pa.Table, results: pa.Table
+                             ) -> int:
+        """``upsert_scores`` for one chunk held as columns: its rows (``plan.CHUNK_SCHEMA``,
+        numbered in ascending order) and their results (``score.RESULT_SCHEMA``). On PostgreSQL
+        the binary COPY stream is built from the columns; elsewhere the rows are listed."""
+        if not (self.bulk_copy and self.engine.dialect.driver == "psycopg"):
+            return self.upsert_scores(_column_rows(run_id, model, rows, results))
+        return self._copy_columns(run_id, model, rows, results)
+
+    @_retried
+    def _copy_columns(self, run_id: str, model: str, rows: pa.Table, results: pa.Table) -> int:
+        if rows.num_rows == 0:
+            return 0
+        scored_at = _now()
+        data = binary_copy.copy_rows(_score_fields(run_id, model, rows, results, scored_at))
+        numbers = rows["row"].to_numpy()
+        if np.any(np.diff(numbers) != 1):
+            raise ValueError("a chunk's rows are numbered in one ascending range")
+        with self.engine.begin() as conn:
+            _lock_runs(conn, [run_id])
+            with conn.connection.driver_connection.cursor() as cursor:
+                cursor.execute("DELETE FROM similarity_scores WHERE run_id = %s "
+                               "AND row_number BETWEEN %s AND %s",
+                               [run_id, int(numbers[0]), int(numbers[-1])])
+                with cursor.copy(f"COPY similarity_scores ({', '.join(SCORE_COLUMNS)}) "
+                                 "FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.write(binary_copy.SIGNATURE)
+                    copy.write(data)
+                    copy.write(binary_copy.TRAILER)
+            conn.execute(scoring_runs.update().where(scoring_runs.c.run_id == run_id)
+                         .values(updated_at=scored_at))
+        return rows.num_rows
 
     @_retried
     def record_stage(self, run_id: str, stage: str, chunk: int, seconds: float) -> None:

@@ -17,7 +17,7 @@ from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import FINALIZE, PLAN
 from sim_pipeline.runners.lifecycle import Run
 from sim_pipeline.stages.registry import CHUNK_STAGES
-from sim_pipeline.stages.score import ScoredRow
+from sim_pipeline.stages.score import ScoredChunk
 
 
 def plan(settings: Settings, input_path: str | Path, source: str | None = None,
@@ -53,9 +53,8 @@ def fail(settings: Settings, run_id: str, failure: str | None = None) -> None:
 
 def _counts(result: Any) -> dict[str, Any]:
     """A stage's result as plain counts (XCom-sized)."""
-    if isinstance(result, list):  # join-score's rows
-        rows: list[ScoredRow] = result
-        return {"rows": len(rows), "ok": sum(1 for s in rows if s.error is None)}
+    if isinstance(result, ScoredChunk):  # join-score's rows
+        return {"rows": len(result), "ok": result.ok}
     if hasattr(result, "to_dict"):
         return result.to_dict()
     return dataclasses.asdict(result)

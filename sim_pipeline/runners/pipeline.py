@@ -28,7 +28,7 @@ from sim_pipeline.stages.fetch.records import FetchStats
 from sim_pipeline.stages.finalize import default_output_path
 from sim_pipeline.stages.plan import RunPlan, check_input
 from sim_pipeline.stages.registry import CHUNK_STAGES
-from sim_pipeline.stages.score import ScoredRow
+from sim_pipeline.stages.score import ScoredChunk
 
 
 @dataclass
@@ -44,10 +44,11 @@ class RunSummary:
     repaired: Counter[str] = field(default_factory=Counter)  # damaged objects recomputed
     error_bound: ErrorBound | None = None  # quantised backends: scores vs fp32's
 
-    def add(self, scored: list[ScoredRow]) -> None:
+    def add(self, scored: ScoredChunk) -> None:
+        counts = scored.error_counts()
         self.rows += len(scored)
-        self.ok += sum(1 for s in scored if s.error is None)
-        self.errors.update(s.error for s in scored if s.error)
+        self.ok += counts.pop(None, 0)
+        self.errors.update(counts)
 
     def render(self) -> str:
         errors = ", ".join(f"{code} {n}" for code, n in sorted(self.errors.items())) or "none"

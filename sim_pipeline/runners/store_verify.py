@@ -16,6 +16,8 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from sim_pipeline.core.layout import LEASES_PREFIX
 from sim_pipeline.core.store import (
     IntegrityError,
@@ -27,8 +29,7 @@ from sim_pipeline.core.store import (
 from sim_pipeline.stages.embed.sets import load_embedding_set
 from sim_pipeline.stages.embed.vector_cache import unpack
 from sim_pipeline.stages.fetch.leases import lease_is_stale
-from sim_pipeline.stages.plan import RunPlan
-from sim_pipeline.stages.score import ScoredRow
+from sim_pipeline.stages.plan import RunPlan, bytes_table
 
 SHOWN = 20  # damaged objects listed by name; the rest are counted
 CHUNK_ROWS, EMBEDDING_SETS, RESULTS = "chunk rows", "embedding sets", "results"
@@ -122,7 +123,7 @@ def _check_results(store: ObjectStore, meta_key: str) -> Iterator[Damage]:
     """A chunk's results as finalize reads them: the digest record, then the rows it vouches
     for (digest, row count, each row readable)."""
     meta = read_json(store, meta_key)
-    key = f"{meta_key.removesuffix('.json')}.jsonl"
+    key = f"{meta_key.removesuffix('.meta.json')}.arrow"
     try:
         data = store.read_bytes(key)
     except (IntegrityError, MissingObject) as error:
@@ -131,9 +132,13 @@ def _check_results(store: ObjectStore, meta_key: str) -> Iterator[Damage]:
     if sha256_bytes(data) != meta["sha256"]:
         yield key, "its content differs from the digest written with it"
         return
-    rows = [ScoredRow.from_json(line) for line in data.decode("utf-8").split("\n") if line]
-    if len(rows) != meta["rows"]:
-        yield key, f"{len(rows)} rows where {meta['rows']} were written"
+    try:
+        rows = bytes_table(data).num_rows
+    except pa.ArrowInvalid:
+        yield key, "not readable as results"
+        return
+    if rows != meta["rows"]:
+        yield key, f"{rows} rows where {meta['rows']} were written"
 
 
 def _check_plan(store: ObjectStore, manifest_key: str, verdict: Verdict) -> Iterator[Damage]:
@@ -209,9 +214,9 @@ def _remove(store: ObjectStore, key: str) -> int:
         base = key.removesuffix(".json").removesuffix(".npy")
         keys = [f"{base}.json", f"{base}.npy"]
     elif "/results." in key:
-        base = key.removesuffix(".json").removesuffix(".jsonl")
-        keys = [f"{base}.json", f"{base}.jsonl"]
-    elif key.endswith("/rows.jsonl"):  # with its plan: the next run plans the input again
+        base = key.removesuffix(".meta.json").removesuffix(".arrow")
+        keys = [f"{base}.meta.json", f"{base}.arrow"]
+    elif key.endswith("/rows.arrow"):  # with its plan: the next run plans the input again
         keys = [key, f"{key.rpartition('/chunks/')[0]}/manifest.json"]
     else:
         keys = [key]

@@ -7,8 +7,14 @@ Only one chunk is ever held in memory.
 One bad row costs one row: a file is refused as a whole only when it is no CSV text at all
 (``check_input_file``). Inside the file, bytes that are not UTF-8 become U+FFFD (the row gets
 ``invalid_encoding`` when its URL or caption held them), a row longer than ``MAX_ROW_CHARS``
-gets ``field_too_long``, and control characters in a caption are replaced by spaces before it is
-scored. Chunks are ASCII JSON lines, so no value (a line separator, NUL) can change their framing.
+gets ``field_too_long``. A caption reaches the model exactly as written (control characters and
+surrounding spaces included, as the family's own processor would get it); NUL is only a storage
+matter, handled where rows are stored.
+
+Chunks are Arrow IPC files, one column per field (``CHUNK_SCHEMA``): later stages read the columns
+they need as arrays, and no value (a line separator, NUL) can change their framing. Checking and
+hashing a URL or caption is done once per distinct value of a chunk (``Memo``): a million rows
+over a few thousand images cost a few thousand URL checks per chunk, not a million.
 """
 
 from __future__ import annotations
@@ -16,12 +22,16 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import itertools
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sim_pipeline.core import errors, repairs
 from sim_pipeline.core.config import Settings
@@ -35,6 +45,7 @@ from sim_pipeline.core.store import (
     sha256_bytes,
     write_json,
 )
+from sim_pipeline.core.streams import batched
 from sim_pipeline.core.urls import url_problem
 
 URL_COLUMNS = ("url", "image_url", "image", "img_url", "link")
@@ -46,8 +57,14 @@ _PIECE = 1 << 20  # characters read at a time: a huge line is never in memory wh
 # The csv module's own cap only stops crafted rows whose shape (see _skeleton) stays huge.
 csv.field_size_limit(4 * MAX_ROW_CHARS)
 _SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes, as surrogateescape reads them
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # Cc but tab, LF, CR
 _QUOTES = re.compile('""+')
+CHUNK_SCHEMA = pa.schema([
+    ("row", pa.int64()), ("url", pa.string()), ("url_hash", pa.string()),
+    ("caption", pa.string()), ("caption_hash", pa.string()), ("error", pa.string()),
+    ("fields", pa.list_(pa.string())),
+])
+MEMO_SIZE = 1 << 16  # distinct URLs (and captions) whose checks and hashes are remembered
+MEMO_CHARS = 4096  # a longer value is checked each time it comes: the memo never holds one
 _BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
          (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
@@ -64,7 +81,7 @@ class InputRow:
     fields: list[str]
 
     def to_json(self) -> str:
-        """ASCII only: no value can put a line break (U+2028, U+0085, ...) into a chunk line."""
+        """ASCII only: no value can put a line break (U+2028, U+0085, ...) into a JSON line."""
         return json.dumps(self.__dict__, separators=(",", ":"))
 
     @classmethod
@@ -108,26 +125,59 @@ def repaired(text: str) -> tuple[str, bool]:
     return fixed, count > 0
 
 
-def clean_caption(caption: str) -> str:
-    """The caption the model sees: control characters (NUL, C0 and C1, but tab and line breaks)
-    as spaces, surrounding whitespace stripped. Tokenizers treat such characters differently, and
-    PostgreSQL cannot store NUL, so a caption never carries them past plan."""
-    return _CONTROL.sub(" ", caption).strip()
+def url_facts(raw: str) -> tuple[str, bool, str | None, str | None]:
+    """The URL as scored (repaired, stripped), whether it held undecodable bytes, its problem
+    code, its hash."""
+    url, bad = repaired(raw)
+    url = url.strip()
+    return url, bad, url_problem(url), sha256_hex(url) if url else None
+
+
+def caption_facts(raw: str) -> tuple[str, bool, str]:
+    """The caption as scored, whether it held undecodable bytes, and its hash. The model gets
+    the caption as written: tokenizers keep control characters (as byte tokens, say), so
+    replacing them would score another text than the reference does."""
+    caption, bad = repaired(raw)
+    return caption, bad, sha256_hex(caption)
+
+
+class Memo(dict[str, Any]):
+    """Facts about distinct values: inputs repeat their URLs and captions, and each check or
+    hash is pure, so it runs once per distinct value. Bounded: it starts over past ``MEMO_SIZE``
+    values, and a value longer than ``MEMO_CHARS`` is never kept."""
+
+    def __init__(self, facts: Any) -> None:
+        super().__init__()
+        self.facts = facts
+
+    def __missing__(self, raw: str) -> Any:
+        found = self.facts(raw)
+        if len(raw) <= MEMO_CHARS:
+            if len(self) >= MEMO_SIZE:
+                self.clear()
+            self[raw] = found
+        return found
+
+
+def row_error(bad_url: bool, bad_caption: bool, problem: str | None, caption: str) -> str | None:
+    """A row's input code: undecodable bytes first, then the URL's problem, then no caption."""
+    if bad_url or bad_caption:
+        return errors.INVALID_ENCODING
+    return problem or (None if caption.strip() else errors.MISSING_CAPTION)
+
+
+def kept_fields(fields: list[str]) -> list[str]:
+    """The row's values as kept: undecodable bytes as U+FFFD."""
+    return fields if all(map(str.isascii, fields)) else [repaired(f)[0] for f in fields]
 
 
 def normalise_row(row: int, url: str, caption: str, fields: list[str]) -> InputRow:
     """A row's URL and caption checked and cleaned; its fields kept (undecodable bytes as
     U+FFFD). Never raises, whatever the values hold."""
-    url, bad_url = repaired(url)
-    caption, bad_caption = repaired(caption)
-    fields = [repaired(field)[0] for field in fields]
-    url, caption = url.strip(), clean_caption(caption)
-    if bad_url or bad_caption:
-        error: str | None = errors.INVALID_ENCODING
-    else:
-        error = url_problem(url) or (None if caption else errors.MISSING_CAPTION)
-    url_hash = sha256_hex(url) if url else None
-    return InputRow(row, url, url_hash, caption, error, fields)
+    url, bad_url, problem, url_hash = url_facts(url)
+    caption, bad_caption, _ = caption_facts(caption)
+    return InputRow(row, url, url_hash, caption, row_error(bad_url, bad_caption, problem, caption),
+                    kept_fields(fields))
 
 
 def find_column(header: Sequence[str], candidates: Sequence[str], override: str | None,
@@ -249,8 +299,18 @@ class RowLines:
         return self
 
     def __next__(self) -> str:
+        piece = self.handle.readline(_PIECE)
+        self.row_chars += len(piece)
+        if len(piece) < _PIECE and piece and self.row_chars <= self.limit:
+            return piece  # the usual line: whole, and its row still short
+        return self._long_line(piece)
+
+    def _long_line(self, piece: str) -> str:
+        """The rest of a line longer than ``_PIECE`` or of a row past the limit, a piece at a
+        time; past the limit each piece is cut to its skeleton."""
+        self.row_chars -= len(piece)
         pieces: list[str] = []
-        while piece := self.handle.readline(_PIECE):
+        while piece:
             self.row_chars += len(piece)
             whole = len(piece) < _PIECE or piece.endswith("\n")
             if self.row_chars > self.limit:
@@ -259,6 +319,7 @@ class RowLines:
             pieces.append(piece)
             if whole:
                 break
+            piece = self.handle.readline(_PIECE)
         if not pieces:
             raise StopIteration
         return "".join(pieces)
@@ -313,45 +374,124 @@ def read_rows(path: Path, settings: Settings) -> tuple[list[str], int, int, Iter
     return header, url_index, caption_index, rows()
 
 
+class ChunkColumns:
+    """One chunk's columns (``CHUNK_SCHEMA``) from rows already normalised (``normalise_row``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[InputRow] = []
+        self.hashes = Memo(sha256_hex)
+
+    def add_row(self, row: InputRow) -> None:
+        self.rows.append(row)
+
+    def table(self) -> pa.Table:
+        rows = self.rows
+        return _table([r.row for r in rows], [r.url for r in rows], [r.url_hash for r in rows],
+                      [r.caption for r in rows], [self.hashes[r.caption] for r in rows],
+                      [r.error for r in rows], [r.fields for r in rows])
+
+
+def csv_chunks(header: list[str], url_index: int, caption_index: int, rows: Iterable[CsvRow],
+               chunk_size: int) -> Iterator[pa.Table]:
+    """The parsed rows, numbered from 0, as chunk tables; a row's problem becomes its code."""
+    width = len(header)
+    empty = [""] * width
+    number = 0
+    url_memo, caption_memo = Memo(url_facts), Memo(caption_facts)  # shared by the chunks
+    for batch in batched(rows, chunk_size):
+        values: list[list[str]] = []
+        codes: list[str | None] = []
+        for fields, too_long in batch:
+            count = len(fields)
+            if too_long:
+                values.append(empty)
+                codes.append(errors.FIELD_TOO_LONG)
+            elif count == width:
+                values.append(fields)
+                codes.append(None)
+            elif count < width:
+                values.append(fields + empty[count:])
+                codes.append(None)
+            else:
+                values.append(fields[:width])
+                codes.append(errors.MALFORMED_ROW)
+        yield _columns(number, values, codes, url_index, caption_index, url_memo, caption_memo)
+        number += len(values)
+
+
 def normalise_csv_rows(header: list[str], url_index: int, caption_index: int,
                        rows: Iterable[CsvRow]) -> Iterator[InputRow]:
-    """One ``InputRow`` per parsed row, numbered from 0; a row's problem becomes its code."""
-    width = len(header)
-    for number, (fields, too_long) in enumerate(rows):
-        if too_long:
-            yield InputRow(number, "", None, "", errors.FIELD_TOO_LONG, [""] * width)
-            continue
-        if len(fields) < width:
-            fields = fields + [""] * (width - len(fields))
-        row = normalise_row(number, fields[url_index], fields[caption_index], fields)
-        if len(fields) > width:
-            row = InputRow(row.row, row.url, row.url_hash, row.caption, errors.MALFORMED_ROW,
-                           row.fields[:width])
-        yield row
+    """One ``InputRow`` per parsed row, numbered from 0 (for callers that want rows, not chunk
+    tables); classified exactly as ``csv_chunks`` classifies them."""
+    for table in csv_chunks(header, url_index, caption_index, rows, 4096):
+        yield from rows_of(table)
+
+
+def _columns(first: int, values: list[list[str]], codes: list[str | None], url_index: int,
+             caption_index: int, url_memo: Memo, caption_memo: Memo) -> pa.Table:
+    """One chunk's table from its rows' values, each distinct URL and caption checked once."""
+    urls, bad_urls, problems, url_hashes = zip(
+        *map(url_memo.__getitem__, [v[url_index] for v in values]), strict=True)
+    captions, bad_captions, caption_hashes = zip(
+        *map(caption_memo.__getitem__, [v[caption_index] for v in values]), strict=True)
+    row_errors = [code or row_error(bad_url, bad_caption, problem, caption)
+                  for code, bad_url, bad_caption, problem, caption
+                  in zip(codes, bad_urls, bad_captions, problems, captions, strict=True)]
+    kept = [v if "".join(v).isascii() else kept_fields(v) for v in values]
+    return _table(list(range(first, first + len(values))), urls, url_hashes, captions,
+                  caption_hashes, row_errors, kept)
+
+
+def _table(rows: Sequence[int], urls: Sequence[str], url_hashes: Sequence[str | None],
+           captions: Sequence[str], caption_hashes: Sequence[str],
+           row_errors: Sequence[str | None], fields: Sequence[list[str]]) -> pa.Table:
+    lengths = pa.array([len(f) for f in fields], pa.int32())
+    offsets = pc.cumulative_sum(pa.concat_arrays([pa.array([0], pa.int32()), lengths]))
+    values = pa.array(list(itertools.chain.from_iterable(fields)), pa.string())
+    return pa.Table.from_arrays(
+        [pa.array(rows, pa.int64()), pa.array(urls, pa.string()),
+         pa.array(url_hashes, pa.string()), pa.array(captions, pa.string()),
+         pa.array(caption_hashes, pa.string()), pa.array(row_errors, pa.string()),
+         pa.ListArray.from_arrays(offsets, values)], schema=CHUNK_SCHEMA)
+
+
+def chunk_table(rows: Iterable[InputRow]) -> pa.Table:
+    """Rows already normalised (``normalise_row``) as a chunk's columns."""
+    columns = ChunkColumns()
+    for row in rows:
+        columns.add_row(row)
+    return columns.table()
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """An Arrow IPC file: a chunk's rows, or its results."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def bytes_table(data: bytes) -> pa.Table:
+    return pa.ipc.open_file(pa.py_buffer(data)).read_all()
 
 
 def write_chunks(store: ObjectStore, run_id: str, digest: str, rows: Iterable[InputRow],
                  chunk_size: int) -> list[ChunkRef]:
-    """Write rows in chunks of ``chunk_size``, holding one chunk in memory at a time."""
-    chunks: list[ChunkRef] = []
-    buffer: list[str] = []
-    first_row = 0
+    """Write normalised rows in chunks of ``chunk_size``, one chunk in memory at a time."""
+    return write_tables(store, run_id, digest,
+                        (chunk_table(batch) for batch in batched(rows, chunk_size)))
 
-    def flush() -> None:
-        data = ("\n".join(buffer) + "\n").encode("utf-8")
-        ref = ChunkRef(run_id, digest, len(chunks), first_row, len(buffer), sha256_bytes(data))
+
+def write_tables(store: ObjectStore, run_id: str, digest: str, tables: Iterable[pa.Table]
+                 ) -> list[ChunkRef]:
+    """Write each chunk table as it comes; returns their descriptors."""
+    chunks: list[ChunkRef] = []
+    for table in tables:
+        data = table_bytes(table)
+        ref = ChunkRef(run_id, digest, len(chunks), table["row"][0].as_py(), table.num_rows,
+                       sha256_bytes(data))
         store.write_bytes(ref.rows_key, data)
         chunks.append(ref)
-
-    for row in rows:
-        if not buffer:
-            first_row = row.row
-        buffer.append(row.to_json())
-        if len(buffer) == chunk_size:
-            flush()
-            buffer = []
-    if buffer:
-        flush()
     return chunks
 
 
@@ -362,8 +502,8 @@ def plan_csv(path: str | Path, store: ObjectStore, settings: Settings, run_id: s
     digest = input_digest(path, settings)
     if not _intact_plan(store, run_id, digest):
         header, url_index, caption_index, rows = read_rows(path, settings)
-        normalised = normalise_csv_rows(header, url_index, caption_index, rows)
-        chunks = write_chunks(store, run_id, digest, normalised, settings.chunk_size)
+        chunks = write_tables(store, run_id, digest, csv_chunks(
+            header, url_index, caption_index, rows, settings.chunk_size))
         plan = RunPlan(run_id, digest, str(path), header, header[url_index],
                        header[caption_index], delimiter_for(path),
                        sum(c.rows for c in chunks), chunks)
@@ -404,8 +544,34 @@ def _verified_rows(store: ObjectStore, chunk: ChunkRef) -> bytes:
     return data
 
 
+def read_chunk_table(store: ObjectStore, chunk: ChunkRef) -> pa.Table:
+    """The chunk's rows as columns (``CHUNK_SCHEMA``), verified."""
+    table = bytes_table(_verified_rows(store, chunk))
+    if not table.schema.equals(CHUNK_SCHEMA) or table.num_rows != chunk.rows:
+        raise IntegrityError(f"{store.uri(chunk.rows_key)} is not a chunk of this plan: rerun "
+                             "the plan (`sim-pipeline score` does) to write it again.")
+    return table
+
+
 def read_chunk_rows(store: ObjectStore, chunk: ChunkRef) -> list[InputRow]:
-    """The chunk's rows, verified; split on LF alone (``str.splitlines`` would split on U+2028
-    too)."""
-    text = _verified_rows(store, chunk).decode("utf-8")
-    return [InputRow.from_json(line) for line in text.split("\n") if line]
+    """The chunk's rows, verified, one object each (for callers that need rows, not columns)."""
+    return rows_of(read_chunk_table(store, chunk))
+
+
+def rows_of(table: pa.Table) -> list[InputRow]:
+    """A chunk table's rows, one object each."""
+    columns = table.to_pydict()
+    return [InputRow(*values) for values in zip(
+        columns["row"], columns["url"], columns["url_hash"], columns["caption"],
+        columns["error"], columns["fields"], strict=True)]
+
+
+def scorable_keys(table: pa.Table) -> tuple[dict[str, str], dict[str, str]]:
+    """The chunk's distinct ``{url_hash: url}`` and ``{caption_hash: caption}`` among rows
+    without an input error: what fetch and the two embed stages look up, read as columns."""
+    ok = table.filter(pc.is_null(table["error"]))
+    images = ok.group_by(["url_hash", "url"]).aggregate([])
+    texts = ok.group_by(["caption_hash", "caption"]).aggregate([])
+    return (dict(zip(images["url_hash"].to_pylist(), images["url"].to_pylist(), strict=True)),
+            dict(zip(texts["caption_hash"].to_pylist(), texts["caption"].to_pylist(),
+                     strict=True)))

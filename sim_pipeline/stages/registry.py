@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from sim_pipeline.results.db import ResultsDB
     from sim_pipeline.stages.embed.sets import EmbedStats
     from sim_pipeline.stages.fetch.records import FetchStats
-    from sim_pipeline.stages.score import ScoredRow
+    from sim_pipeline.stages.score import ScoredChunk
 
 StageRun = Callable[[ChunkRef, "ObjectStore", "Settings", "ResultsDB | None"], Any]
 
@@ -57,7 +57,7 @@ def embed_texts(chunk: ChunkRef, store: ObjectStore, settings: Settings,
 
 
 def join_score(chunk: ChunkRef, store: ObjectStore, settings: Settings,
-               results: ResultsDB | None) -> list[ScoredRow]:
+               results: ResultsDB | None) -> ScoredChunk:
     from sim_pipeline.stages.score import join_score_chunk
 
     return join_score_chunk(chunk, store, settings, results)

@@ -30,12 +30,12 @@ from sim_pipeline.stages.embed.sets import (
     EmbedStats,
     assemble,
     save_embedding_set,
-    scorable,
     set_is_whole,
 )
 from sim_pipeline.stages.embed.vector_cache import VectorCache
 from sim_pipeline.stages.fetch.loop import refetch
-from sim_pipeline.stages.plan import read_chunk_rows
+from sim_pipeline.stages.known import Fetched, previous_vectors, read_fetched, write_vectors
+from sim_pipeline.stages.plan import read_chunk_table, scorable_keys
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -58,12 +58,21 @@ def prefetched(work: Callable[[T], R], items: Iterable[T], workers: int) -> Iter
             yield pending.popleft().result()
 
 
-def _fetched_images(store: ObjectStore, url_hashes: list[str]) -> tuple[
+def _fetched_images(store: ObjectStore, url_hashes: list[str],
+                    indexed: dict[str, Fetched]) -> tuple[
         dict[str, str], dict[str, str], dict[str, int], list[str]]:
-    """From the fetch records: ``({url_hash: image sha256}, {url_hash: fetch error},
-    {url_hash: pixels}, [url_hash whose record is missing or damaged])``."""
+    """From the chunk's fetch index, else the fetch records: ``({url_hash: image sha256},
+    {url_hash: fetch error}, {url_hash: pixels}, [url_hash whose record is missing or
+    damaged])``."""
     content, errors, sizes, lost = {}, {}, {}, []
     for url_hash in url_hashes:
+        if url_hash in indexed:
+            sha, error, pixels = indexed[url_hash]
+            if error is not None:
+                errors[url_hash] = error
+            else:
+                content[url_hash], sizes[url_hash] = str(sha), pixels
+            continue
         try:
             record = read_json(store, image_meta_key(url_hash))
         except KeyError:
@@ -116,17 +125,23 @@ def embed_images_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) 
     key = chunk.image_embeddings_key(model_tag(settings.model, settings.variant))
     if set_is_whole(store, key, "image embeddings"):
         return EmbedStats(chunk_done_before=True)
-    rows = scorable(read_chunk_rows(store, chunk))
-    urls = {r.url_hash: r.url for r in rows if r.url_hash}
+    urls, _ = scorable_keys(read_chunk_table(store, chunk))
     url_hashes = sorted(urls)
     refetched: set[str] = set()
+    earlier = previous_vectors(store, chunk, "images", vector_tag(settings))
+    # Index facts stand in for records only where no bytes will be read: a failed fetch, or an
+    # image whose vector is known too. Others read their record, so a lost one is fetched again.
+    indexed = {h: facts for h, facts in read_fetched(store, chunk).items()
+               if facts.error is not None or facts.sha256 in earlier}
     while True:  # each image is fetched again at most once, so this ends
-        content, errors, sizes, lost = _fetched_images(store, url_hashes)
+        indexed = {h: facts for h, facts in indexed.items() if h not in refetched}
+        content, errors, sizes, lost = _fetched_images(store, url_hashes, indexed)
         if set(lost) - refetched:
             refetched |= _refetch_once(lost, refetched, urls, store, settings)
             continue
         any_url = {sha: url_hash for url_hash, sha in sorted(content.items())}
-        vectors, todo, failed, damaged = _image_vectors(any_url, store, settings, sizes)
+        vectors, todo, failed, damaged = _image_vectors(any_url, store, settings, sizes,
+                                                        earlier)
         if set(damaged) - refetched:  # vectors computed so far are cached for the next pass
             refetched |= _refetch_once(damaged, refetched, urls, store, settings)
             continue
@@ -135,20 +150,26 @@ def embed_images_chunk(chunk: ChunkRef, store: ObjectStore, settings: Settings) 
         break
     save_embedding_set(store, key, assemble(url_hashes, vectors, errors, content.get),
                        settings.model)
+    if not settings.inference_url:
+        write_vectors(store, chunk, "images", vector_tag(settings), vectors, earlier,
+                      settings.model)
     return EmbedStats(len(todo) - len(failed), len(any_url) - len(todo), len(errors))
 
 
 def _image_vectors(any_url: dict[str, str], store: ObjectStore, settings: Settings,
-                   sizes: dict[str, int]) -> tuple[dict[str, np.ndarray], list[tuple[str, str]],
-                                                   dict[str, str], list[str]]:
-    """Vectors for ``{sha: url_hash}``, from the cache or computed (locally or by the service):
-    ``(vectors, images computed, decode failures by sha, url hashes whose bytes were lost)``."""
+                   sizes: dict[str, int], earlier: dict[str, np.ndarray]
+                   ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]], dict[str, str],
+                              list[str]]:
+    """Vectors for ``{sha: url_hash}``, from the previous chunk's index, the cache or computed
+    (locally or by the service): ``(vectors, images computed, decode failures by sha, url
+    hashes whose bytes were lost)``."""
     if settings.inference_url:  # the service reads the bytes from the shared store
         with remote_encoder(settings) as client:
             vectors, failed = remote_image_vectors(client, any_url)
         return vectors, list(any_url.items()), failed, []
     cache = VectorCache(store, vector_tag(settings), "images")
-    vectors = cache.get_many(any_url)
+    vectors = {sha: earlier[sha] for sha in any_url if sha in earlier}
+    vectors |= cache.get_many(sha for sha in any_url if sha not in vectors)
     todo = [(sha, url_hash) for sha, url_hash in any_url.items() if sha not in vectors]
     if not todo:
         return vectors, todo, {}, []
