@@ -24,6 +24,8 @@ The stack's names are kept in its folder (``config.json``): the databases are
 the same one after; ``up`` prints them, and ``env`` emits the exports under which ``airflow ...``
 and ``sim-pipeline results ...`` talk to this stack.
 
+``up --no-workers`` starts no worker: they run on other hosts (docs/deployment.md).
+
 ``up`` starts a detached supervisor (``supervise``) and returns once the UI answers. Like
 Compose's ``restart: always``, the supervisor restarts any component that dies, killing first
 whatever the dead one left in its process group: a SIGKILLed worker's queue is consumed again
@@ -126,6 +128,7 @@ class StackConfig:
     seaweed_ports: dict[str, int] = field(default_factory=dict)
     model_port: int = 0  # the inference-server's
     gpu_slots: int | None = None  # the gpu pool's size, if not pools.py's
+    workers: bool = True  # False: the workers run elsewhere (docs/deployment.md)
 
     @property
     def pools(self) -> dict[str, Pool]:
@@ -427,7 +430,8 @@ class Supervisor:
         prepare(self.cfg, self.base)
         self.start(MODEL_SERVER)
         for name in AIRFLOW_COMMANDS:
-            self.start(name)
+            if self.cfg.workers or name not in WORKER_QUEUES:
+                self.start(name)
         wait_for_api(self.cfg.port, {}, timeout=180)  # no processes: it only waits for the UI
         wait_for_model_server(self.cfg)
         (Path(self.cfg.home) / "ready").write_text("ready\n")
@@ -491,7 +495,7 @@ def stack_config(home: Path, args: argparse.Namespace, base: Mapping[str, str]) 
     redis_db = earlier.redis_db if earlier else empty_redis_db()
     return StackConfig(str(home), args.port, args.postgres, redis_db, name=name,
                        seaweed_ports=free_seaweed_ports(), model_port=free_port(),
-                       gpu_slots=int(slots) if slots else None)
+                       gpu_slots=int(slots) if slots else None, workers=not args.no_workers)
 
 
 def describe(cfg: StackConfig, base: Mapping[str, str]) -> str:
@@ -500,9 +504,10 @@ def describe(cfg: StackConfig, base: Mapping[str, str]) -> str:
     when = ("none: manual runs only (no nightly runs, no backfills); set SIM_PIPELINE_SCHEDULE "
             "before make stack for a cron" if in_force == "none" else f"{in_force!r} (cron)")
     slots = ", ".join(f"{name} {pool.slots}" for name, pool in cfg.pools.items())
+    workers = "" if cfg.workers else ", no workers here: start them on their hosts"
     return "\n".join([
         f"Stack is up: http://127.0.0.1:{cfg.port}/dags/similarity_scoring (CeleryExecutor, "
-        f"queues fetch + inference; logs in {Path(cfg.home) / 'logs'}).",
+        f"queues fetch + inference{workers}; logs in {Path(cfg.home) / 'logs'}).",
         f"  databases {cfg.airflow_db} (Airflow) and {cfg.results_db} (results) at "
         f"{make_url(cfg.admin_url).render_as_string(hide_password=True)}; broker "
         f"{cfg.broker_url}; S3 {cfg.s3_endpoint}, bucket {cfg.bucket}; model server "
@@ -655,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--name", help="database name prefix: <name>_airflow, <name>_results "
                     "(default sim_stack_<8 hex of the folder's path>, kept across ups)")
     up.add_argument("--timeout", type=float, default=240, help="seconds to wait for the UI")
+    up.add_argument("--no-workers", action="store_true",
+                    help="start no Celery worker: they run on other hosts (docs/deployment.md)")
     commands.choices["down"].add_argument("--purge", action="store_true",
                                           help="also drop the databases and the S3 data")
     args = parser.parse_args(argv)

@@ -37,7 +37,7 @@ from sim_airflow.assets import OUTLETS
 from sim_airflow.labels import LABEL_MACROS
 from sim_airflow.lost_workers import note_lost_worker
 from sim_airflow.options import CHUNK_WORK, DEPTH_FIRST, FETCH, RETRIES, params, schedule
-from sim_airflow.status import mark_run_failed
+from sim_airflow.status import mark_run_failed, record_task_failure
 from sim_airflow.tasks import chunk_task, inference_task
 
 from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES, JOIN_SCORE
@@ -80,9 +80,10 @@ def finalize(scored: list[Counts]) -> Counts:
     return finalize_run(scored)
 
 
-# Every task: retries, depth-first priority, and a last log line when its worker dies.
+# Every task: retries, depth-first priority, a last log line when its worker dies, and its
+# failure's sentence on the scoring run.
 TASK_DEFAULTS = {**RETRIES, **DEPTH_FIRST, "on_retry_callback": note_lost_worker,
-                 "on_failure_callback": note_lost_worker}
+                 "on_failure_callback": [note_lost_worker, record_task_failure]}
 
 
 @dag(schedule=schedule(), start_date=datetime(2024, 1, 1, tzinfo=UTC), catchup=False,

@@ -23,7 +23,7 @@ from sim_pipeline.core.config import (
     user_settings,
 )
 from sim_pipeline.core.errors import UserError
-from sim_pipeline.core.faults import Terminated, known_fault, sigterm_stops
+from sim_pipeline.core.faults import Terminated, fault_sentence, known_fault, sigterm_stops
 from sim_pipeline.core.layout import STAGES
 from sim_pipeline.results.cli import register as register_results
 from sim_pipeline.spark.command import register as register_spark
@@ -213,23 +213,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with sigterm_stops():
             return handler(args)
     except UserError as error:
-        return _fail(str(error), 2)
-    except KeyboardInterrupt:
-        return _fail("interrupted; rerun the same command to resume", 130)
-    except Terminated:
-        return _fail("stopped by SIGTERM; rerun the same command to resume", 143)
+        return _fail(fault_sentence(error), 2)
+    except KeyboardInterrupt as error:
+        return _fail(fault_sentence(error), 130)
+    except Terminated as error:
+        return _fail(fault_sentence(error), 143)
     except BrokenPipeError:  # output piped into `head` and friends: not an error
         sys.stderr.close()
         return 0
     except Exception as error:
         if debug_requested(getattr(args, "debug", False)):
             raise
-        sentence = known_fault(error)
-        if sentence is not None:
-            return _fail(sentence, 2)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return _fail(f"unexpected {type(error).__name__}{': ' + first if first else ''}; rerun "
-                     "with --debug to see where, and report it", 1)
+        return _fail(fault_sentence(error), 2 if known_fault(error) is not None else 1)
 
 
 def _fail(message: str, status: int) -> int:

@@ -245,14 +245,18 @@ def test_a_csv_path_that_does_not_exist_fails_at_once_without_retries(runs: Runs
     assert plan == [["plan_chunks", -1, "failed", 1]]  # a retry could not make the file appear
     assert "no-such-file.csv does not exist; check the trigger form's 'csv_path' field." \
         in runs.output
-    assert_recorded_failed(pg_url, wrong["run_id"])
+    assert_recorded_failed(pg_url, wrong["run_id"],
+                           "no-such-file.csv does not exist; check the trigger form's 'csv_path' "
+                           "field.")
 
 
-def assert_recorded_failed(pg_url: str, run_id: str) -> None:
-    """A run that failed before or while planning still has its scoring_runs row, failed."""
+def assert_recorded_failed(pg_url: str, run_id: str, failure: str) -> None:
+    """A run that failed before or while planning still has its scoring_runs row, failed, with
+    the sentence its task failed with."""
     status = run_status(pg_url, run_id)
     assert status is not None and status["status"] == "failed", status
     assert status["finished_at"] is not None
+    assert failure in (status["failure"] or ""), status
 
 
 def test_the_dag_file_parses_fast_without_torch(bag: dict[str, Any]) -> None:
@@ -319,7 +323,7 @@ def test_an_input_without_a_caption_column_fails_at_once_naming_the_field(
         [["plan_chunks", -1, "failed", 1]]
     assert re.search(r"No caption column found \(looked for [^)]*the file has 'url', "
                      r"'description'\); check the trigger form's 'csv_path' field\.", runs.output)
-    assert_recorded_failed(pg_url, run["run_id"])
+    assert_recorded_failed(pg_url, run["run_id"], "check the trigger form's 'csv_path' field.")
 
 
 def test_a_model_that_cannot_load_fails_at_once_and_marks_the_run_failed(
@@ -331,7 +335,7 @@ def test_a_model_that_cannot_load_fails_at_once_and_marks_the_run_failed(
     reasons = re.findall(r"AirflowFailException: (.*no-such-model.*)", runs.output)
     assert reasons and all(r.endswith("no such folder; check the trigger form's 'model' field.")
                            and "--model" not in r for r in reasons)  # the form's field
-    assert_recorded_failed(pg_url, run["run_id"])
+    assert_recorded_failed(pg_url, run["run_id"], reasons[0])
 
 
 def test_a_run_that_fails_after_planning_is_marked_failed(runs: Runs, pg_url: str) -> None:
@@ -343,5 +347,9 @@ def test_a_run_that_fails_after_planning_is_marked_failed(runs: Runs, pg_url: st
     assert "/dev/null is not a writable folder; check the trigger form's 'output_path' field." \
         in runs.output
     status = run_status(pg_url, run["run_id"])
+    assert status is not None and status["failure"].startswith("finalize: Cannot write the "), \
+        status
+    assert status["failure"].endswith("/dev/null is not a writable folder; check the trigger "
+                                      "form's 'output_path' field."), status
     assert status["status"] == "failed" and status["finished_at"] is not None
     assert len(score_rows(pg_url, run["run_id"])) == ROWS  # the chunks' rows stay, findable

@@ -215,8 +215,15 @@ def test_a_full_disk_under_the_output_leaves_no_partial_csv(
     out = small_disk("out", "8k")
     source = long_rows(tmp_path, image_server, "full-out", 30, "a caption that takes room " * 40)
     assert score(source, settings, "-o", str(out / "scored.csv")) == 2
-    assert "No space left on the device" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert "No space left on the device" in line
     assert list(out.iterdir()) == []
+    # The run's row is failed with the very sentence the command ended with.
+    engine = sa.create_engine(settings.database_url)
+    with engine.connect() as conn:
+        recorded = conn.execute(sa.text("SELECT status, failure FROM scoring_runs")).one()
+    engine.dispose()
+    assert tuple(recorded) == ("failed", line.removeprefix("sim-pipeline: error: "))
 
 
 def test_a_full_disk_under_a_sqlite_database_ends_in_one_sentence(

@@ -77,7 +77,7 @@ def test_runs_lists_runs_with_counts_and_a_status_that_tells_the_dead_from_the_l
         db.start_run(run_id, "/data/nightly.csv", "openai/clip-vit-base-patch32", 10)
         db.upsert_scores(chunk_rows(run_id, 0, size=10))
     age_run(pg_url, stale, timedelta(hours=2), finished=False)  # killed: no heartbeat since
-    db.finish_run(failed, "failed")
+    db.finish_run(failed, "failed", failure="The image store went away: rerun it.")
 
     status, out, err = results(capsys, "runs", "--database-url", pg_url, "--limit", "100")
     assert status == 0 and err == ""
@@ -319,3 +319,17 @@ def test_runs_on_an_empty_database_says_so(tmp_path: Path,
     status, out, _ = results(capsys, "runs", "--database-url",
                              f"sqlite:///{tmp_path / 'empty.db'}")
     assert status == 0 and out.startswith("no runs yet in sqlite:///")
+
+
+def test_show_prints_a_failed_runs_sentence_and_a_rerun_that_succeeds_clears_it(
+        pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ResultsDB(pg_url)
+    run_id, sentence = f"failed-{uuid.uuid4().hex[:6]}", "The image store went away: rerun it."
+    db.start_run(run_id, "/data/nightly.csv", "openai/clip-vit-base-patch32", 10)
+    db.finish_run(run_id, "failed", failure=sentence)
+    status, out, _ = results(capsys, "show", run_id, "--database-url", pg_url)
+    assert status == 0 and f"failure   {sentence}" in out.split("\n\n", 1)[0]
+    db.start_run(run_id, "/data/nightly.csv", "openai/clip-vit-base-patch32", 10)
+    db.finish_run(run_id, "succeeded")
+    status, out, _ = results(capsys, "show", run_id, "--database-url", pg_url)
+    assert status == 0 and "failure" not in out

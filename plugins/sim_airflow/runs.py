@@ -140,7 +140,7 @@ def check_model_folder(model: str) -> None:
                                    f"{MODEL_FIELD!r} field.")
 
 
-def record_failed_plan(settings: Settings, run_id: str, source: str) -> None:
+def record_failed_plan(settings: Settings, run_id: str, source: str, failure: str) -> None:
     """A run that fails before or while planning still gets its ``scoring_runs`` row, failed,
     so ``sim-pipeline results runs`` shows it (best effort: the database may be the failure)."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -151,7 +151,7 @@ def record_failed_plan(settings: Settings, run_id: str, source: str) -> None:
     try:
         results = ResultsDB(settings.database_url, settings.db_retry_seconds)
         results.open_run_if_absent(run_id, source, settings.model, 0)
-        results.finish_run(run_id, "failed")
+        results.finish_run(run_id, "failed", failure=failure)
     except (UserError, SQLAlchemyError):
         log.warning("Run %s could not be recorded as failed in the results database.", run_id,
                     exc_info=True)
@@ -165,15 +165,16 @@ def plan_run() -> list[Chunk]:
     location = input_location(context, settings)
     try:
         return plan_chunks(context, settings, location)
-    except AirflowFailException:
-        record_failed_plan(settings, context["run_id"], location)
+    except AirflowFailException as error:
+        record_failed_plan(settings, context["run_id"], location, str(error))
         raise
 
 
 def plan_chunks(context: Context, settings: Settings, location: str) -> list[Chunk]:
     from sim_pipeline.runners import dispatch
 
-    check_model_folder(settings.model)
+    if not settings.inference_url:  # else the model server holds it, and plan asks it
+        check_model_folder(settings.model)
     hook = s3_hook() if is_s3(location) else None  # one for the check and the download
     check_input(location, context, hook)
     with fail_at_once_when_hopeless(INPUT_FIELD), local_copy(location, hook) as path:

@@ -12,6 +12,7 @@ parse time, so the library is imported only when a run fails.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,27 @@ def fail_run(run_id: str) -> None:
 
     dispatch.fail(task_settings({}), run_id)
     log.info("Scoring run %s marked failed in the results database.", run_id)
+
+
+def record_task_failure(context: Mapping[str, Any]) -> None:
+    """Every task's ``on_failure_callback``: inside the failed try (its last one), mark the
+    scoring run failed with the task's one sentence, which the DAG's callback then keeps. A try
+    whose worker died has no sentence of its own: the DAG's callback marks that run."""
+    error = context.get("exception")
+    if not os.environ.get("AIRFLOW_CTX_TASK_ID") or error is None:
+        return
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from sim_airflow.settings import task_settings
+    from sim_pipeline.core.faults import fault_sentence
+    from sim_pipeline.runners import dispatch
+
+    # The tasks' own failures are sentences already.
+    sentence = str(error) if isinstance(error, AirflowFailException) else fault_sentence(error)
+    ti = context["ti"]
+    chunk = f", chunk {ti.map_index}" if ti.map_index >= 0 else ""
+    dispatch.fail(task_settings(context["params"]), str(context["run_id"]),
+                  f"{ti.task_id}{chunk}: {sentence}")
 
 
 def mark_run_failed(context: Mapping[str, Any]) -> None:

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from types import FrameType
 
 RESUME = "rerun the same command: it resumes where it stopped"
+INTERRUPTED = "interrupted; rerun the same command to resume"
+STOPPED = "stopped by SIGTERM; rerun the same command to resume"
 
 
 class Terminated(BaseException):
@@ -56,3 +58,21 @@ def known_fault(error: BaseException) -> str | None:
             reason = str(error.orig or error).strip().splitlines()[0]
             return f"The results database failed ({reason}): once it is back, {RESUME}."
     return None
+
+
+def fault_sentence(error: BaseException) -> str:
+    """The one sentence a failed run ends with, on stderr and in its ``scoring_runs`` row."""
+    from sim_pipeline.core.errors import UserError
+
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return INTERRUPTED
+    if isinstance(error, Terminated):
+        return STOPPED
+    sentence = known_fault(error)
+    if sentence is not None:
+        return sentence
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return (f"unexpected {type(error).__name__}{': ' + first if first else ''}; rerun with "
+            "--debug to see where, and report it")

@@ -246,6 +246,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"status    {state}: started {_when(run.started_at)} UTC, {timing}",
         f"rows      {_count(run.rows_total)}: {ok:,} scored, {failed:,} errors{share}",
         f"errors    {codes}",
+        *([f"failure   {run.failure}"] if run.failure else []),
         "",
     ]))
     rows = run_rows(db, run.run_id, errors_only=args.errors, limit=args.limit)

@@ -56,6 +56,7 @@ scoring_runs = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True)),
     sa.Column("error_bound_pairs", sa.Integer), sa.Column("error_bound_max", sa.Float),
     sa.Column("error_bound_p99", sa.Float),
+    sa.Column("failure", sa.Text),  # migration 006: a failed run's sentence
 )
 similarity_scores = sa.Table(
     "similarity_scores", metadata,
@@ -208,7 +209,7 @@ def _opened_run(run_id: str, source: str, model: str, rows_total: int,
             "started_at": started_at or now,
             "finished_at": None, "status": "running", "rows_total": rows_total,
             "rows_ok": None, "rows_error": None, "input_columns": _json(columns),
-            "input_delimiter": delimiter, "updated_at": now}
+            "input_delimiter": delimiter, "updated_at": now, "failure": None}
 
 
 def _lock_runs(conn: Connection, run_ids: Iterable[str]) -> None:
@@ -430,9 +431,10 @@ class ResultsDB:
                     replace=False)
 
     @_retried
-    def finish_run(self, run_id: str, status: str, unless_active_since: datetime | None = None
-                   ) -> None:
-        """Close the run, counting its rows from the table itself (the source of truth).
+    def finish_run(self, run_id: str, status: str, unless_active_since: datetime | None = None,
+                   failure: str | None = None) -> None:
+        """Close the run, counting its rows from the table itself (the source of truth);
+        ``failure`` is a failed run's one sentence (kept from an earlier record if None).
 
         ``unless_active_since``: close it only if it is still running and has shown no sign of
         life since then (a failure recorded while the database was away must not close a rerun
@@ -449,8 +451,13 @@ class ResultsDB:
                             scoring_runs.c.updated_at <= unless_active_since)
         with self.engine.begin() as conn:
             ok, failed = conn.execute(counts).one()
-            conn.execute(scoring_runs.update().where(which).values(
-                status=status, finished_at=now, updated_at=now, rows_ok=ok, rows_error=failed))
+            values = {"status": status, "finished_at": now, "updated_at": now, "rows_ok": ok,
+                      "rows_error": failed}
+            if status != "failed":
+                values["failure"] = None
+            elif failure is not None:
+                values["failure"] = failure
+            conn.execute(scoring_runs.update().where(which).values(**values))
 
     def upsert_scores(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Write one chunk's rows in a single transaction: all of them or none.

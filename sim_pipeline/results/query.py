@@ -60,6 +60,7 @@ class RunInfo:
     rows_error: int | None
     input_columns: list[str] | None
     input_delimiter: str | None
+    failure: str | None = None  # a failed run's one sentence
 
     @property
     def last_activity(self) -> datetime:
@@ -87,7 +88,7 @@ def _run_info(row: Any) -> RunInfo:
     return RunInfo(row.run_id, row.source, row.model, utc(row.started_at), utc(row.finished_at),
                    utc(row.updated_at), row.status, row.rows_total, row.rows_ok, row.rows_error,
                    json.loads(row.input_columns) if row.input_columns else None,
-                   row.input_delimiter)
+                   row.input_delimiter, row.failure)
 
 
 def _with_live_counts(conn: Connection, found: list[RunInfo]) -> list[RunInfo]:

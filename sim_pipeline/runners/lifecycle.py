@@ -195,13 +195,14 @@ class Run:
         remove_debris(self.store)  # what earlier, killed attempts left: a clean exit leaves none
         return Finished(plan.run_id, path, report, plan.rows, bound)
 
-    def fail(self, run_id: str) -> None:
-        """Mark the run failed. When the failure is the database's own, remember it in the store
-        instead: the next run that reaches the database marks it (``mark_pending_failures``)."""
+    def fail(self, run_id: str, failure: str | None = None) -> None:
+        """Mark the run failed, with its one sentence. When the failure is the database's own,
+        remember it in the store instead: the next run that reaches the database marks it
+        (``mark_pending_failures``)."""
         if self.results is None:
             return
         try:
-            self.results.finish_run(run_id, "failed")
+            self.results.finish_run(run_id, "failed", failure=failure)
         except (UserError, sa.exc.SQLAlchemyError):
             with contextlib.suppress(UserError, OSError):
                 pending = self._pending_failures()

@@ -16,6 +16,7 @@ from typing import Any
 from tqdm import tqdm
 
 from sim_pipeline.core.config import Settings
+from sim_pipeline.core.faults import fault_sentence
 from sim_pipeline.core.layout import EMBED_IMAGES, EMBED_TEXTS, FETCH_IMAGES, JOIN_SCORE
 from sim_pipeline.results.report import report_path
 from sim_pipeline.runners.lifecycle import Run
@@ -152,8 +153,8 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
                 if stage != FETCH_IMAGES:  # the text side may be loading the image tower
                     release_encoders()
         summary.error_bound = run.finalize(plan, summary.output).error_bound
-    except BaseException:
-        run.fail(plan.run_id)
+    except BaseException as error:
+        run.fail(plan.run_id, fault_sentence(error))
         raise
     summary.repaired = run.repaired
     summary.seconds = time.monotonic() - started

@@ -18,13 +18,16 @@ class PortProxy:
     """A TCP forwarder on a loopback port, stoppable and restartable: a database that goes away
     and comes back without touching the PostgreSQL server itself."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target, self.port = target_port, free_port()
+    def __init__(self, target_port: int, host: str = "127.0.0.1", port: int | None = None
+                 ) -> None:
+        """Listens on ``host``:``port`` (a free loopback port by default); ``host`` may be
+        another address of this machine, e.g. a veth end a network namespace reaches."""
+        self.target, self.host, self.port = target_port, host, port or free_port()
         self.listener: socket.socket | None = None
         self.connections: list[socket.socket] = []
 
     def start(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
+        self.listener = socket.create_server((self.host, self.port), reuse_port=True)
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def stop(self) -> None:
@@ -42,7 +45,11 @@ class PortProxy:
                 client, _ = listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the server is down: the client sees its connection closed
+                client.close()
+                continue
             self.connections += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
