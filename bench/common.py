@@ -93,13 +93,25 @@ def vit_b32_checkpoint() -> Path:
 
     ``SIM_BENCH_MODEL_SHAPE=tiny`` swaps in a tiny model, for smoke-testing the scripts.
     """
+    return random_checkpoint(os.environ.get("SIM_BENCH_MODEL_SHAPE", "vit-b-32"))
+
+
+def random_checkpoint(shape: str) -> Path:
+    """A random-weight CLIP of ``shape`` ("tiny" or "vit-b-32"), built once under BENCH_DIR."""
     from sim_pipeline.devtools.random_model import build_random_clip
 
-    shape = os.environ.get("SIM_BENCH_MODEL_SHAPE", "vit-b-32")
     path = BENCH_DIR / f"clip-{shape}-random"
     if not (path / "config.json").exists():
         build_random_clip(path, shape=shape)
     return path
+
+
+def small_images(count: int) -> tuple[ThreadingHTTPServer, str, list[str]]:
+    """``count`` 320x240 JPEGs served on 127.0.0.1: the server, its base URL, the names."""
+    folder = BENCH_DIR / "images-320"
+    names = write_images(folder, count, size=(320, 240))
+    server, base_url = serve_folder(folder)
+    return server, base_url, names
 
 
 def served_pairs(work_name: str, images: int, pairs: int) -> tuple[

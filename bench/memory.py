@@ -14,9 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from bench.common import BENCH_DIR, fresh_folder, serve_folder, write_images
+from bench.common import fresh_folder, random_checkpoint, small_images
 from bench.end_to_end import timed_process
-from sim_pipeline.devtools.random_model import build_random_clip
 
 
 def write_rows(path: Path, base_url: str, names: list[str], rows: int) -> None:
@@ -34,12 +33,8 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=100_000)
     parser.add_argument("--images", type=int, default=300)
     args = parser.parse_args()
-    model = BENCH_DIR / "clip-tiny-random"
-    if not (model / "config.json").exists():
-        build_random_clip(model, shape="tiny")
-    folder = BENCH_DIR / "images-320"
-    names = write_images(folder, args.images, size=(320, 240))
-    server, base_url = serve_folder(folder)
+    model = random_checkpoint("tiny")
+    server, base_url, names = small_images(args.images)
     work = fresh_folder("memory")
     env = {**os.environ, "SIM_PIPELINE_MODEL": str(model),
            "SIM_PIPELINE_DATABASE_URL": f"sqlite:///{work / 'results.db'}",

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench.common import BENCH_DIR, fresh_folder, serve_folder, write_images
+from bench.common import fresh_folder, random_checkpoint, small_images
 from bench.db_upsert import database, machine
 from bench.end_to_end import timed_process
 from sim_pipeline.core.layout import STAGES
-from sim_pipeline.devtools.random_model import build_random_clip
 
 
 def cpu_flags() -> str:
@@ -82,12 +81,8 @@ def main() -> None:
     parser.add_argument("--warm-rows", type=int, default=10_000_000)
     parser.add_argument("--skip-warm", action="store_true")
     args = parser.parse_args()
-    model = BENCH_DIR / "clip-tiny-random"
-    if not (model / "config.json").exists():
-        build_random_clip(model, shape="tiny")
-    folder = BENCH_DIR / "images-320"
-    names = write_images(folder, args.images, size=(320, 240))
-    server, base_url = serve_folder(folder)
+    model = random_checkpoint("tiny")
+    server, base_url, names = small_images(args.images)
     work = fresh_folder("scale")
     cli = [str(Path(sys.executable).with_name("sim-pipeline")), "score"]
     print(f"machine   {machine()}")
