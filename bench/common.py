@@ -8,11 +8,15 @@ import os
 import resource
 import shutil
 import socket
+import subprocess
+import sys
 import threading
+import time
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -124,3 +128,27 @@ def served_pairs(work_name: str, images: int, pairs: int) -> tuple[
     work = fresh_folder(work_name)
     write_pairs(work / "pairs.csv", base_url, names, pairs)
     return server, base_url, work, work / "pairs.csv"
+
+
+def start_serve(folder: Path, model: Path, database_url: str, allow_hosts: str,
+                *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``sim-pipeline serve`` on a free loopback port over ``folder/store``, logging to
+    ``folder/serve.log``; returns once /readyz answers (the model is loaded): process, base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "sim_pipeline.cli", "serve", "--port", str(port),
+               "--model", str(model), "--store", str(folder / "store"), "--database-url",
+               database_url, "--allow-hosts", allow_hosts, *extra]
+    with (folder / "serve.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise SystemExit(f"the service did not start; see {folder / 'serve.log'}")

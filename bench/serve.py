@@ -20,7 +20,6 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,15 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import BENCH_DIR, free_port, serve_folder, vit_b32_checkpoint, write_images
+from bench.common import (
+    BENCH_DIR,
+    serve_folder,
+    start_serve,
+    vit_b32_checkpoint,
+    write_images,
+)
 from sim_pipeline.core.config import Settings
 from sim_pipeline.runners.pipeline import fetch_csv
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -52,24 +55,8 @@ class Figures:
 
 def start_server(model: Path, store: Path, allow_hosts: str, batch: int,
                  wait_ms: float) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [sys.executable, "-m", "sim_pipeline.cli", "serve", "--port", str(port),
-               "--model", str(model), "--store", str(store), "--database-url",
-               f"sqlite:///{store.parent / 'results.db'}", "--allow-hosts", allow_hosts,
-               "--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms)]
-    log = (store.parent / "serve.log").open("wb")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise SystemExit(f"the service did not start; see {store.parent / 'serve.log'}")
+    return start_serve(store.parent, model, f"sqlite:///{store.parent / 'results.db'}",
+                       allow_hosts, "--max-batch-size", str(batch), "--max-wait-ms", str(wait_ms))
 
 
 async def clients(base: str, pairs: list[list[tuple[str, str]]]) -> tuple[float, list[float]]:

@@ -31,7 +31,6 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,9 +45,8 @@ import httpx
 import numpy as np
 import sqlalchemy as sa
 
-from bench.common import free_port, fresh_folder, jpeg_bytes, vit_b32_checkpoint
+from bench.common import fresh_folder, jpeg_bytes, start_serve, vit_b32_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE = (320, 240)
 CACHED_PAIRS = 64
 PARTS = ("concurrency", "overload", "sigterm")
@@ -116,24 +114,9 @@ class Service:
 
 
 def start_service(folder: Path, model: Path, allow_hosts: str, *extra: str) -> Service:
-    port = free_port()
     database_url = f"sqlite:///{folder / 'results.db'}"
-    command = [sys.executable, "-m", "sim_pipeline.cli", "serve", "--port", str(port),
-               "--model", str(model), "--store", str(folder / "store"), "--database-url",
-               database_url, "--allow-hosts", allow_hosts, *extra]
-    with (folder / "serve.log").open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return Service(process, base, database_url)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise SystemExit(f"the service did not start; see {folder / 'serve.log'}")
+    process, base = start_serve(folder, model, database_url, allow_hosts, *extra)
+    return Service(process, base, database_url)
 
 
 @dataclass
