@@ -8,15 +8,24 @@ how many towers each loaded (the model should load once per worker). Random ViT-
 (SIM_BENCH_MODEL_SHAPE=tiny for a smoke run): the scores mean nothing, only the times do.
 Prints, never asserts.
 
+``--timeline`` also prints where Spark's time went, from Spark's event log (executors registered,
+each job and stage, each task's deserialisation, run and GC time) and from the notes each Python
+worker leaves in the store (its imports done, each batch's stages and the towers it loaded), all
+in seconds since the command was launched. ``--conf KEY=VALUE`` passes a Spark setting to the
+command (through ``PYSPARK_SUBMIT_ARGS``), ``--spark-only`` skips the CLI run, to try settings.
+
     .venv/bin/python -m bench.spark [--pairs 1000] [--images 800] [--master local-cluster[2,1,1024]]
+                                    [--timeline] [--conf KEY=VALUE ...] [--spark-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -46,13 +55,87 @@ def cpu_line() -> str:
     return f"CPU: {model}, {os.cpu_count()} cores, flags: {shown}"
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
-    started = time.perf_counter()
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """The command's wall time, and when it was launched (Unix time, for the timeline)."""
+    launched, started = time.time(), time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:2])} failed:\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, launched
+
+
+def load_line() -> str:
+    return "load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def event_log(folder: Path) -> list[dict]:
+    """The events of the one application logged in ``folder`` (finished or not)."""
+    events = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.stat().st_size):
+        with path.open(encoding="utf-8") as handle:
+            events += [json.loads(line) for line in handle if line.strip()]
+    return events
+
+
+def spark_timeline(events: list[dict], launched: float) -> list[tuple[float, str]]:
+    """(seconds since launch, what happened) from Spark's event log."""
+    def at(ms: int) -> float:
+        return ms / 1000 - launched
+
+    lines, calls, stages = [], {}, {}
+    for event in events:
+        kind = event["Event"].removeprefix("SparkListener")
+        if kind in ("ApplicationStart", "ApplicationEnd"):
+            lines.append((at(event["Timestamp"]), f"application {kind[11:].lower()}"))
+        elif kind == "ExecutorAdded":
+            lines.append((at(event["Timestamp"]), f"executor {event['Executor ID']} registered"))
+        elif kind == "JobStart":
+            calls[event["Job ID"]] = (event["Submission Time"],
+                                      event.get("Properties", {}).get("callSite.short", "?"))
+        elif kind == "JobEnd":
+            started, call = calls[event["Job ID"]]
+            lines.append((at(started), f"job {event['Job ID']} ({call}) "
+                          f"{(event['Completion Time'] - started) / 1000:.1f} s"))
+        elif kind == "StageSubmitted":
+            info = event["Stage Info"]
+            stages[info["Stage ID"]] = info.get("Stage Name", "?")[:40]
+        elif kind == "TaskEnd":
+            lines.append(task_line(event, stages.get(event["Stage ID"], "?"), launched))
+    return lines
+
+
+def task_line(event: dict, stage_name: str, launched: float) -> tuple[float, str]:
+    task, metrics = event["Task Info"], event.get("Task Metrics") or {}
+    took = (task["Finish Time"] - task["Launch Time"]) / 1000
+    parts = ", ".join(f"{name} {metrics.get(key, 0) / 1000:.1f}" for name, key in (
+        ("deserialise", "Executor Deserialize Time"), ("run", "Executor Run Time"),
+        ("GC", "JVM GC Time")))
+    return (task["Launch Time"] / 1000 - launched,
+            f"  task {task['Task ID']} of stage {event['Stage ID']} ({stage_name}) on executor "
+            f"{task['Executor ID']}: {took:.1f} s ({parts})")
+
+
+def worker_timeline(notes: list[dict], launched: float) -> list[tuple[float, str]]:
+    """(seconds since launch, what happened) from the Python workers' notes."""
+    lines = []
+    for note in notes:
+        pid = note["pid"]
+        lines.append((note["imported"] - launched, f"python worker {pid}: imports done"))
+        for batch in note.get("batches", []):
+            steps = ", ".join(
+                f"{step['stage']} {step['seconds']:.1f}"
+                + (f" (+{step['towers_loaded']} towers)" if step["towers_loaded"] else "")
+                for step in batch["stages"])
+            lines.append((batch["start"] - launched, f"python worker {pid}: batch of "
+                          f"{batch['rows']} rows {batch['seconds']:.1f} s: {steps}"))
+    return lines
+
+
+def print_timeline(lines: list[tuple[float, str]]) -> None:
+    print("timeline (s since the spark command was launched):")
+    for seconds, what in sorted(lines, key=lambda line: line[0]):
+        print(f"  {seconds:6.1f}  {what}")
 
 
 def rows_of(path: Path) -> list[list[str]]:
@@ -65,6 +148,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--master", default="local-cluster[2,1,1024]")
+    parser.add_argument("--timeline", action="store_true", help="print where Spark's time went")
+    parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Spark setting for the spark command (repeatable)")
+    parser.add_argument("--spark-only", action="store_true", help="skip the CLI run")
     args = parser.parse_args()
 
     model = str(vit_b32_checkpoint())
@@ -74,29 +161,46 @@ def main() -> None:
     env.update(SIM_PIPELINE_MODEL=model, HF_HUB_OFFLINE="1", SPARK_LOCAL_IP="127.0.0.1",
                SIM_PIPELINE_ALLOW_HOSTS=base_url.removeprefix("http://"),
                SIM_PIPELINE_DATABASE_URL=f"sqlite:///{work / 'results.db'}")
+    events = work / "spark-events"
+    events.mkdir()
+    confs = [*args.conf, "spark.eventLog.enabled=true", f"spark.eventLog.dir=file://{events}",
+             "spark.eventLog.compress=false", "spark.eventLog.rolling.enabled=false"]
+    spark_env = {**env, "PYSPARK_SUBMIT_ARGS": " ".join(
+        f"--conf {shlex.quote(conf)}" for conf in confs) + " pyspark-shell"}
     print(cpu_line())
     print(f"{args.pairs} pairs over {args.images} distinct 640x480 JPEGs, cold (empty stores), "
           f"model: random weights ({os.environ.get('SIM_BENCH_MODEL_SHAPE', 'vit-b-32')}), "
           "scores meaningless")
+    print(load_line())
     try:
-        cli = timed([program, "score", str(source), "-o", str(work / "cli.csv"), "--quiet",
-                     "--store", str(work / "cli-store")], env)
-        spark = timed([program, "spark", str(source), str(work / "spark.csv"),
-                       "--master", args.master, "--run-id", RUN_ID,
-                       "--store", str(work / "spark-store")], env)
+        cli = None if args.spark_only else timed(
+            [program, "score", str(source), "-o", str(work / "cli.csv"), "--quiet",
+             "--store", str(work / "cli-store")], env)[0]
+        print(f"{load_line()} (after the CLI)")
+        spark, launched = timed([program, "spark", str(source), str(work / "spark.csv"),
+                                 "--master", args.master, "--run-id", RUN_ID,
+                                 "--store", str(work / "spark-store")], spark_env)
+        print(f"{load_line()} (after Spark)")
     finally:
         server.shutdown()
-    same = rows_of(work / "spark.csv") == rows_of(work / "cli.csv")
     store = open_store(str(work / "spark-store"))
     notes = [read_json(store, key) for key in store.list_keys()
              if key.startswith(f"{MODEL_LOADS_PREFIX}/{RUN_ID}/")]
     towers = sorted(note["tower_loads"] for note in notes)
-    print(f"sim-pipeline score (one process)           {cli:7.1f} s "
-          f"{args.pairs / cli:7.1f} pairs/s")
+    if args.timeline:
+        print_timeline(spark_timeline(event_log(events), launched)
+                       + worker_timeline(notes, launched) + [(spark, "command exited")])
+    if args.conf:
+        print(f"spark settings: {' '.join(args.conf)}")
     print(f"sim-pipeline spark ({args.master}) {spark:7.1f} s {args.pairs / spark:7.1f} pairs/s")
-    print(f"spark / cli: x{spark / cli:.2f} (goal <= x1.30); rows identical: {same}")
     print(f"model loads: {len(notes)} Python workers loaded it, towers loaded per worker: "
           f"{towers} (2 = image + text, once)")
+    if cli is None:
+        return
+    same = rows_of(work / "spark.csv") == rows_of(work / "cli.csv")
+    print(f"sim-pipeline score (one process)           {cli:7.1f} s "
+          f"{args.pairs / cli:7.1f} pairs/s")
+    print(f"spark / cli: x{spark / cli:.2f} (goal <= x1.30); rows identical: {same}")
 
 
 if __name__ == "__main__":

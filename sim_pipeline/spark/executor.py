@@ -9,21 +9,27 @@ vectors and results already in the store and redoes nothing, and its rows are up
 
 The store, the model and the results database are opened once per Python worker and reused
 across batches and tasks for as long as Spark keeps the worker (``spark.python.worker.reuse``).
+Each worker keeps a note in the store (``spark/model-loads/<run>/<host>-<pid>.json``): the towers
+it loaded, and when each of its batches ran which stage, so a slow job can be read stage by
+stage, beside Spark's own event log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
 import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sim_pipeline.core.config import Settings
-from sim_pipeline.core.layout import sha256_hex
+from sim_pipeline.core.layout import FETCH_IMAGES, sha256_hex
 from sim_pipeline.core.store import write_json
 from sim_pipeline.results.db import ResultsDB
 from sim_pipeline.runners.lifecycle import Run
@@ -37,8 +43,10 @@ if TYPE_CHECKING:
 ROW_COLUMN = "_sim_row"  # the row identity travelling with each row; never in the output
 CORRUPT_COLUMN = "_sim_corrupt"  # the raw text of a CSV row Spark could not fit to the header
 MODEL_LOADS_PREFIX = "spark/model-loads"
+MAX_NOTED_BATCHES = 100  # a long-lived worker notes its latest batches only
 UNDECODABLE = "\ufffd"  # what Spark's CSV reader puts where a byte was not UTF-8
 SURROGATE = "\udcff"  # how the CLI's reader sees such a byte: normalise_row repairs and flags it
+IMPORTED = time.time()  # when this Python worker first unpickled a task (its imports done)
 
 
 @dataclass(frozen=True)
@@ -59,29 +67,60 @@ def score_batches(job: ScoringJob, batches: Iterator[pd.DataFrame]) -> Iterator[
     """``mapInPandas`` body: every input column kept, plus ``similarity`` and ``error``."""
     worker = _worker(job.settings)
     for batch in batches:
+        timing = BatchTiming(len(batch))
         rows = list(_input_rows(job, batch))
-        scored = _score_chunk(worker, job, rows)
+        scored = _score_chunk(worker, job, rows, timing)
         if job.record_run_id is not None:
-            worker.results_db().upsert_scores(
-                table_row(s, job.record_run_id, job.settings.model, row.fields)
-                for s, row in zip(scored, rows, strict=True))
-        worker.note_model_loads(job)
+            with timing.stage("record"):
+                worker.results_db().upsert_scores(
+                    table_row(s, job.record_run_id, job.settings.model, row.fields)
+                    for s, row in zip(scored, rows, strict=True))
+        worker.note(job, timing)
         out = batch[list(job.columns)].copy()
         out["similarity"] = [s.similarity for s in scored]
         out["error"] = [s.error for s in scored]
         yield out
 
 
-def _score_chunk(worker: Worker, job: ScoringJob, rows: list[InputRow]) -> list[ScoredRow]:
+def _score_chunk(worker: Worker, job: ScoringJob, rows: list[InputRow],
+                 timing: BatchTiming) -> list[ScoredRow]:
     if not rows:
         return []
     content = "\n".join(row.to_json() for row in rows)
     digest = sha256_hex(content)[:16]
-    (chunk,) = write_chunks(worker.run.store, job.chunk_run_id, digest, rows, len(rows))
+    with timing.stage("plan"):
+        (chunk,) = write_chunks(worker.run.store, job.chunk_run_id, digest, rows, len(rows))
     scored: list[ScoredRow] = []
     for stage in CHUNK_STAGES:
-        scored = worker.run.run_stage(stage, chunk)
+        if stage != FETCH_IMAGES:
+            with timing.stage("wait for the model"):
+                worker.model_ready()
+        with timing.stage(stage):
+            scored = worker.run.run_stage(stage, chunk)
     return scored
+
+
+class BatchTiming:
+    """When one batch started, and each step's seconds and towers loaded (a load shows up in
+    the first stage that needed the model)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows, self.start = rows, time.time()
+        self.stages: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started, loads = time.time(), model_loads()
+        try:
+            yield
+        finally:
+            self.stages.append({"stage": name, "start": round(started, 3),
+                                "seconds": round(time.time() - started, 3),
+                                "towers_loaded": model_loads() - loads})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "start": round(self.start, 3),
+                "seconds": round(time.time() - self.start, 3), "stages": self.stages}
 
 
 def _input_rows(job: ScoringJob, batch: pd.DataFrame) -> Iterator[InputRow]:
@@ -131,23 +170,59 @@ class Worker:
         self.settings = settings
         self.run = Run(settings, _open_store(settings), None)
         self._results: ResultsDB | None = None
-        self._noted_loads = 0
+        self.created = time.time()
+        self.batches: dict[str, list[dict[str, Any]]] = {}  # by job (run id)
+        self.model_loaded: tuple[float, float] | None = None  # (started, done), Unix times
+        self._loading: threading.Thread | None = None
+
+    def start_loading_model(self, cpus: int) -> None:
+        """Load both towers in a thread of their own, now: the model loads while this worker
+        waits for its first rows and downloads their images (waiting on the network, not the
+        CPU), instead of after. It loads even when every vector turns out to be cached."""
+        if self.settings.inference_url:
+            return
+        self._loading = threading.Thread(target=self._load_model, args=(cpus,),
+                                         name="model-load", daemon=True)
+        self._loading.start()
+
+    def _load_model(self, cpus: int) -> None:
+        from sim_pipeline.stages.embed.encoders import encoder_for
+
+        started = time.time()
+        try:
+            if self.settings.backend == "torch":
+                import torch
+
+                torch.set_num_threads(cpus)  # torch gets the task's cores, not the machine's
+            for tower in ("image", "text"):
+                encoder_for(self.settings, tower)
+        except Exception:  # noqa: BLE001 - the stage that needs the tower loads it again, and
+            pass  # reports what went wrong as it always does
+        self.model_loaded = (started, time.time())
+
+    def model_ready(self) -> None:
+        """Wait for the loading thread, so no stage loads a tower beside it."""
+        if self._loading is not None:
+            self._loading.join()
 
     def results_db(self) -> ResultsDB:
         if self._results is None:
             self._results = ResultsDB(self.settings.database_url, self.settings.db_retry_seconds)
         return self._results
 
-    def note_model_loads(self, job: ScoringJob) -> None:
-        """Write this worker's count of model loads to the store when it changed, so a job (a
-        test, the benchmark, an operator) can check the model is loaded once per worker."""
-        loads = model_loads()
-        if loads == self._noted_loads:
-            return
-        self._noted_loads = loads
+    def note(self, job: ScoringJob, timing: BatchTiming) -> None:
+        """Write this worker's count of model loads and its batches' timings to the store, so
+        a job (a test, the benchmark, an operator) can check the model is loaded once per
+        worker and see where a batch's time went."""
+        batches = self.batches.setdefault(job.chunk_run_id, [])
+        batches.append(timing.to_dict())
+        del batches[:-MAX_NOTED_BATCHES]
         key = f"{MODEL_LOADS_PREFIX}/{job.chunk_run_id}/{socket.gethostname()}-{os.getpid()}.json"
-        write_json(self.run.store, key, {"host": socket.gethostname(), "pid": os.getpid(),
-                                         "tower_loads": loads})
+        write_json(self.run.store, key, {
+            "host": socket.gethostname(), "pid": os.getpid(), "tower_loads": model_loads(),
+            "imported": round(IMPORTED, 3), "created": round(self.created, 3),
+            "model_loaded": self.model_loaded and [round(t, 3) for t in self.model_loaded],
+            "batches": batches})
 
 
 def model_loads() -> int:
@@ -166,15 +241,23 @@ def _open_store(settings: Settings):  # noqa: ANN202 - an ObjectStore
 
 @functools.lru_cache(maxsize=2)
 def _worker(settings: Settings) -> Worker:
-    """One per Python worker and settings; torch gets the task's cores, not the machine's."""
+    """One per Python worker and settings; it starts loading the model at once."""
     cpus = _task_cpus()
     if settings.fetch_processes == 0:  # Spark spreads the work; each task keeps to its cores
         settings = settings.replace(fetch_processes=cpus)
-    if settings.backend == "torch" and not settings.inference_url:
-        import torch
+    worker = Worker(settings)
+    worker.start_loading_model(cpus)
+    return worker
 
-        torch.set_num_threads(cpus)
-    return Worker(settings)
+
+def warm_batches(settings: Settings, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """``mapInPandas`` body of the warm-up job: the Python worker that runs it is created (and
+    starts loading the model) and goes back to Spark's pool of idle workers, where the scoring
+    job's task finds it (``spark.python.worker.reuse``)."""
+    _worker(settings)
+    for _ in batches:
+        pass
+    return iter(())
 
 
 def _task_cpus() -> int:

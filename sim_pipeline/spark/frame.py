@@ -8,6 +8,9 @@ through ``mapInPandas``. The settings travel with the tasks as data.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -15,13 +18,21 @@ from typing import TYPE_CHECKING
 from sim_pipeline.core.config import Settings, load_settings
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.results.db import ResultsDB
-from sim_pipeline.spark.executor import CORRUPT_COLUMN, ROW_COLUMN, ScoringJob, score_batches
+from sim_pipeline.spark import rows as row_numbers
+from sim_pipeline.spark.executor import (
+    CORRUPT_COLUMN,
+    ROW_COLUMN,
+    ScoringJob,
+    score_batches,
+    warm_batches,
+)
 from sim_pipeline.stages.plan import find_column
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import DataFrame, SparkSession
 
-OFFSET_BITS = 33  # monotonically_increasing_id: partition index above, position below
+_WARMED: set[tuple[str, Settings]] = set()  # (application, settings) warmed up already
+_MODEL_CHECKS: dict[tuple[str, str], Future[None]] = {}  # (model, backend): checked or checking
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ def score_frame(df: DataFrame, url_col: str = "url", caption_col: str = "caption
     if record and not run_id:
         raise UserError("Recording results needs a run id: pass run_id (--run-id).")
     _check_model(settings)
+    warm_executors(df.sparkSession, settings)
     numbered, rows = _numbered(df)
     source = source or FrameSource("a Spark DataFrame")
     job = ScoringJob(settings, tuple(columns), url_col, caption_col,
@@ -64,20 +76,59 @@ def score_frame(df: DataFrame, url_col: str = "url", caption_col: str = "caption
     return numbered.mapInPandas(partial(score_batches, job), schema)
 
 
+def warm_executors(spark: SparkSession, settings: Settings) -> None:
+    """A job of one tiny task per core, in the background: each executor's Python worker starts
+    loading the model now, while the driver numbers and spreads the rows, and the scoring job
+    reuses that worker. A warm-up that fails costs nothing: the scoring job loads the model."""
+    context = spark.sparkContext
+    if (context.applicationId, settings) in _WARMED:
+        return
+    _WARMED.add((context.applicationId, settings))
+    slots = context.defaultParallelism
+    warm = spark.range(0, slots, 1, slots).mapInPandas(partial(warm_batches, settings), "id long")
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            warm.collect()
+
+    threading.Thread(target=run, name="sim-pipeline-warm-up", daemon=True).start()
+
+
 def finish_run(settings: Settings, run_id: str, succeeded: bool) -> None:
     """Close a recorded run; its counts come from the table, as for every run."""
     ResultsDB(settings.database_url, settings.db_retry_seconds).finish_run(
         run_id, "succeeded" if succeeded else "failed")
 
 
+def check_model_soon(settings: Settings) -> None:
+    """Start checking the model in a thread (importing torch and transformers takes seconds),
+    so the check overlaps the cluster's start; ``score_frame`` waits for its answer."""
+    key = (settings.model, settings.backend)
+    if settings.inference_url or key in _MODEL_CHECKS:
+        return
+    answer: Future[None] = Future()
+    _MODEL_CHECKS[key] = answer
+
+    def check() -> None:
+        from sim_pipeline.stages.embed.families import check_backend
+
+        try:
+            check_backend(settings.model, settings.backend)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller of result()
+            answer.set_exception(error)
+        else:
+            answer.set_result(None)
+
+    threading.Thread(target=check, name="sim-pipeline-model-check", daemon=True).start()
+
+
 def _check_model(settings: Settings) -> None:
-    """A model that cannot be scored stops here in one sentence, before any Spark job (its
+    """A model that cannot be scored stops here in one sentence, before the scoring job (its
     config and processor are resolved, no weights loaded)."""
     if settings.inference_url:
         return
-    from sim_pipeline.stages.embed.families import check_backend
-
-    check_backend(settings.model, settings.backend)
+    check_model_soon(settings)
+    _MODEL_CHECKS[(settings.model, settings.backend)].result()
 
 
 def _column(columns: list[str], wanted: str, what: str) -> str:
@@ -99,27 +150,10 @@ def _check_free(columns: list[str]) -> None:
 
 
 def _numbered(df: DataFrame) -> tuple[DataFrame, int]:
-    """The frame with each row's position (0, 1, ...) as ``ROW_COLUMN``, and the row count.
-
-    Positions come from each partition's row count (one small job) and the row's place in its
-    partition, so a retried task numbers its rows as the first attempt did. A frame with fewer
-    partitions than the cluster has cores is then split by row ranges, kept in order.
-    """
-    from pyspark.sql import functions as F
-
-    tagged = df.withColumn("_sim_part", F.spark_partition_id()).withColumn(
-        "_sim_id", F.monotonically_increasing_id())
-    counts = dict(tagged.groupBy("_sim_part").count().collect())
-    offsets, total = [], 0
-    for part in sorted(counts):
-        offsets.append((part, total))
-        total += counts[part]
-    starts = df.sparkSession.createDataFrame(offsets or [(0, 0)], "_sim_part int, _sim_start long")
-    local = F.col("_sim_id").bitwiseAND(F.lit((1 << OFFSET_BITS) - 1))
-    numbered = tagged.join(F.broadcast(starts), "_sim_part").withColumn(
-        ROW_COLUMN, F.col("_sim_start") + local).drop("_sim_part", "_sim_id", "_sim_start")
+    """The frame with each row's position (0, 1, ...) as ``ROW_COLUMN``, and the row count; a
+    frame with fewer partitions than the cluster has cores is split by row ranges, in order."""
+    numbered, total = row_numbers.numbered(df, ROW_COLUMN)
     cores = df.sparkSession.sparkContext.defaultParallelism
     if df.rdd.getNumPartitions() < cores and total > 1:
-        numbered = numbered.repartitionByRange(min(cores, total), ROW_COLUMN) \
-            .sortWithinPartitions(ROW_COLUMN)
+        numbered = row_numbers.spread(numbered, ROW_COLUMN, total, min(cores, total))
     return numbered, total

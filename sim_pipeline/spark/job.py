@@ -17,7 +17,8 @@ from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import sha256_hex
 from sim_pipeline.results.scored_csv import scored_csv_writer, scored_fields, scored_header
 from sim_pipeline.spark.executor import CORRUPT_COLUMN
-from sim_pipeline.spark.frame import FrameSource, finish_run, score_frame
+from sim_pipeline.spark.frame import FrameSource, finish_run, score_frame, warm_executors
+from sim_pipeline.spark.s3_paths import spark_paths
 from sim_pipeline.stages.plan import CAPTION_COLUMNS, URL_COLUMNS, find_column
 
 if TYPE_CHECKING:
@@ -38,24 +39,21 @@ class SparkJobSummary:
                 f"{self.rows - self.scored} errors\noutput    {self.output}")
 
 
-def spark_path(location: str) -> str:
-    """``s3://`` as Hadoop's S3A connector names it; local paths and other schemes unchanged."""
-    return "s3a://" + location[len("s3://"):] if location.startswith("s3://") else location
-
-
 def check_local_input(location: str) -> None:
     """A local input that is not there is refused at once, before Spark starts."""
     if "://" not in location and not Path(location).exists():
         raise UserError(f"Input {location} does not exist.")
 
 
-def read_input(spark: SparkSession, location: str) -> tuple[DataFrame, FrameSource]:
+def read_input(spark: SparkSession, location: str,
+               path: str | None = None) -> tuple[DataFrame, FrameSource]:
     """The input as a frame of text columns, read with the CLI's CSV rules: a header row,
     quoted fields with line breaks and doubled quotes, a row with more fields than the header
-    kept whole beside the row (it becomes ``malformed_row``)."""
+    kept whole beside the row (it becomes ``malformed_row``). ``path`` is where Spark reads
+    ``location`` from (a local copy, an ``s3a://`` path), when not there."""
     check_local_input(location)
     suffix = Path(location.rstrip("/")).suffix.lower()
-    path = spark_path(location)
+    path = path or location
     if suffix not in CSV_SUFFIXES:
         return _spark_read(lambda: spark.read.parquet(path), location), FrameSource(location)
     delimiter = CSV_SUFFIXES[suffix]
@@ -89,27 +87,37 @@ def default_run_id(location: str, settings: Settings) -> str:
 
 def run_spark_job(spark: SparkSession, location: str, output: str, settings: Settings,
                   record: bool = False, run_id: str | None = None) -> SparkJobSummary:
-    df, source = read_input(spark, location)
-    columns = [c for c in df.columns if c != CORRUPT_COLUMN]
-    url_col = columns[find_column(columns, URL_COLUMNS, settings.url_column, "url")]
-    caption_col = columns[find_column(columns, CAPTION_COLUMNS, settings.caption_column,
-                                      "caption")]
-    run_id = run_id or default_run_id(location, settings)
-    scored = score_frame(df, url_col, caption_col, settings, record=record, run_id=run_id,
-                         source=source)
-    try:
-        if output.lower().endswith(".csv"):
-            counts = _write_csv(scored, columns, output, source.delimiter)
-        else:
-            scored.write.mode("overwrite").parquet(spark_path(output))
-            counts = _counts(spark.read.parquet(spark_path(output)))
-    except BaseException:
-        if record:
-            finish_run(settings, run_id, succeeded=False)
-        raise
+    if output.lower().endswith(".csv") and "://" in output:
+        raise UserError(f"{output}: a scored CSV is written on this machine; give a local path, "
+                        "or write parquet (an OUTPUT not ending in .csv) to S3.")
+    warm_executors(spark, settings)  # the model loads while the driver reads the input
+    with spark_paths(spark, settings, location, output) as (source_path, output_path):
+        df, source = read_input(spark, location, source_path)
+        columns = [c for c in df.columns if c != CORRUPT_COLUMN]
+        url_col = columns[find_column(columns, URL_COLUMNS, settings.url_column, "url")]
+        caption_col = columns[find_column(columns, CAPTION_COLUMNS, settings.caption_column,
+                                          "caption")]
+        run_id = run_id or default_run_id(location, settings)
+        scored = score_frame(df, url_col, caption_col, settings, record=record, run_id=run_id,
+                             source=source)
+        try:
+            counts = _write(spark, scored, columns, output_path, source.delimiter)
+        except BaseException:
+            if record:
+                finish_run(settings, run_id, succeeded=False)
+            raise
     if record:
         finish_run(settings, run_id, succeeded=True)
     return SparkJobSummary(run_id, *counts, output)
+
+
+def _write(spark: SparkSession, scored: DataFrame, columns: list[str], output: str,
+           delimiter: str) -> tuple[int, int]:
+    """Parquet, or the CLI's scored CSV for a path ending in .csv: (rows, rows scored)."""
+    if output.lower().endswith(".csv"):
+        return _write_csv(scored, columns, output, delimiter)
+    scored.write.mode("overwrite").parquet(output)
+    return _counts(spark.read.parquet(output))
 
 
 def _counts(scored: DataFrame) -> tuple[int, int]:
@@ -123,9 +131,6 @@ def _write_csv(scored: DataFrame, columns: list[str], output: str,
                delimiter: str) -> tuple[int, int]:
     """The CLI's scored CSV, one file: scored on the cluster in parallel (and kept), then
     streamed to the driver a partition at a time in row order."""
-    if "://" in output:
-        raise UserError(f"{output}: a scored CSV is written on this machine; give a local path, "
-                        "or write parquet (an OUTPUT not ending in .csv) to S3.")
     from pyspark import StorageLevel
 
     kept = scored.persist(StorageLevel.MEMORY_AND_DISK)
