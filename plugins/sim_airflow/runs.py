@@ -129,30 +129,15 @@ def count_rows(path: Path, settings: Settings) -> int:
     return sum(1 for _ in rows)
 
 
-LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
-
-
-def check_model_folder(model: str) -> None:
-    """A model given as a local path (absolute, ``./``, ``../``, ``~``) that is not a folder
-    fails at once: asking the model hub for it would take seconds and answer about repo ids."""
-    if model.startswith(LOCAL_PATH_PREFIXES) and not Path(model).expanduser().is_dir():
-        raise AirflowFailException(f"Model {model}: no such folder; check the trigger form's "
-                                   f"{MODEL_FIELD!r} field.")
-
-
 def record_failed_plan(settings: Settings, run_id: str, source: str, failure: str) -> None:
     """A run that fails before or while planning still gets its ``scoring_runs`` row, failed,
     so ``sim-pipeline results runs`` shows it (best effort: the database may be the failure)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     from sim_pipeline.core.errors import UserError
-    from sim_pipeline.results.db import ResultsDB
+    from sim_pipeline.runners import dispatch
 
     try:
-        results = ResultsDB(settings.database_url, settings.db_retry_seconds)
-        results.open_run_if_absent(run_id, source, settings.model, 0)
-        results.finish_run(run_id, "failed", failure=failure)
-    except (UserError, SQLAlchemyError):
+        dispatch.fail(settings, run_id, failure, source)
+    except UserError:
         log.warning("Run %s could not be recorded as failed in the results database.", run_id,
                     exc_info=True)
 
@@ -172,9 +157,11 @@ def plan_run() -> list[Chunk]:
 
 def plan_chunks(context: Context, settings: Settings, location: str) -> list[Chunk]:
     from sim_pipeline.runners import dispatch
+    from sim_pipeline.runners.lifecycle import check_model_folder
 
     if not settings.inference_url:  # else the model server holds it, and plan asks it
-        check_model_folder(settings.model)
+        with fail_at_once_when_hopeless(MODEL_FIELD):
+            check_model_folder(settings.model)
     hook = s3_hook() if is_s3(location) else None  # one for the check and the download
     check_input(location, context, hook)
     with fail_at_once_when_hopeless(INPUT_FIELD), local_copy(location, hook) as path:
