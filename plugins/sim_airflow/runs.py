@@ -4,8 +4,9 @@ This module only adapts them to Airflow: the run id is Airflow's run id, runs wi
 read the nightly input of their logical date (and skip when it is missing), s3:// inputs and outputs
 travel through the aws connection (the amazon provider's ``S3Hook``; the library's store gets the
 same connection as ``Settings.s3``), the plan never needs more mapped tasks than Airflow allows, an
-input or model no retry can fix fails the task at once (``failures``), and each stage's log says
-how it is going (``progress``). Unless the run's ``output_path`` says otherwise, its scored CSV and
+input or model no retry can fix fails the task at once (``failures``), a failed task's log ends with
+its one sentence (``failures.ends_in_one_sentence``), and each stage's log says how it is going
+(``progress``). Unless the run's ``output_path`` says otherwise, its scored CSV and
 report are named after the run id, beside the input, so runs never overwrite each other.
 """
 
@@ -30,6 +31,7 @@ from sim_airflow.failures import (
     INPUT_FIELD,
     MODEL_FIELD,
     OUTPUT_FIELD,
+    ends_in_one_sentence,
     fail_at_once_when_hopeless,
 )
 from sim_airflow.labels import chunk_label
@@ -142,6 +144,7 @@ def record_failed_plan(settings: Settings, run_id: str, source: str, failure: st
                     exc_info=True)
 
 
+@ends_in_one_sentence()
 def plan_run() -> list[Chunk]:
     """Plan the run's input into chunks and open the run, keyed by the Airflow run id; a run
     that cannot be planned is recorded failed before the task fails."""
@@ -180,6 +183,7 @@ def plan_chunks(context: Context, settings: Settings, location: str) -> list[Chu
     return planned["chunks"]
 
 
+@ends_in_one_sentence()
 def run_chunk_stage(stage: str, chunk: Mapping[str, Any]) -> dict[str, Any]:
     """One per-chunk stage (``fetch-images``, ``embed-images``, ...) on the chunk described."""
     from sim_pipeline.runners import dispatch
@@ -242,6 +246,7 @@ def write_output(settings: Settings, run_id: str, output: str) -> dict[str, Any]
     return {**result, "output": output, "report": f"s3://{bucket}/{report_key}"}
 
 
+@ends_in_one_sentence()
 def finalize_run(scored: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict[str, Any]:
     """Write the scored CSV and close the run; the chunks' counts are summed for the log."""
     context = get_current_context()
