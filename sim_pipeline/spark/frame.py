@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from sim_pipeline.core.config import Settings, load_settings
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.results.db import ResultsDB
+from sim_pipeline.runners.lifecycle import check_model_folder
 from sim_pipeline.spark import rows as row_numbers
 from sim_pipeline.spark.executor import (
     CORRUPT_COLUMN,
@@ -106,6 +107,7 @@ def check_model_soon(settings: Settings) -> None:
     key = (settings.model, settings.backend)
     if settings.inference_url or key in _MODEL_CHECKS:
         return
+    check_model_folder(settings.model)  # a local folder that is not there: refused at once
     answer: Future[None] = Future()
     _MODEL_CHECKS[key] = answer
 
