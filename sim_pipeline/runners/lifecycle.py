@@ -15,6 +15,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ import sqlalchemy as sa
 from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.faults import fault_sentence
 from sim_pipeline.core.layout import (
     FINALIZE,
     JOIN_SCORE,
@@ -102,15 +104,38 @@ class Run:
         path = Path(input_path)
         check_input(path, self.settings)  # before the model check: a bad input fails in a second
         run_id = run_id or default_run_id(path, self.settings)
-        if self.results is not None:
-            self.check_model(run_id)
-        with self.counting_repairs():
-            plan = plan_csv(path, self.store, self.settings, run_id)
-        if self.results is not None:
-            self.results.start_run(plan.run_id, source or str(input_path), self.settings.model,
-                                   plan.rows, plan.columns, plan.delimiter, started_at)
+        with self.model_checked_beside(run_id):
+            with self.counting_repairs():
+                plan = plan_csv(path, self.store, self.settings, run_id)
+            if self.results is not None:
+                self.results.start_run(plan.run_id, source or str(input_path),
+                                       self.settings.model, plan.rows, plan.columns,
+                                       plan.delimiter, started_at)
         self.record(plan.run_id, PLAN, RUN_LEVEL, time.monotonic() - started)
         return plan
+
+    @contextmanager
+    def model_checked_beside(self, run_id: str) -> Iterator[None]:
+        """The model check (``check_model``) in a thread while the block plans the input: on a
+        cold machine its first torch and transformers imports take seconds that planning need
+        not wait for. Both are done when the block ends, before any fetch. A failing check wins
+        over a failing block (it was the first step before) and closes the opened run as
+        failed, with its sentence."""
+        if self.results is None:  # nothing recorded, nothing scored (``fetch``): no check
+            yield
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="model-check") as beside:
+            checked = beside.submit(self.check_model, run_id)
+            try:
+                yield
+            except BaseException:
+                checked.result()  # the model's sentence, if it failed too
+                raise
+            try:
+                checked.result()
+            except BaseException as error:
+                self.fail(run_id, fault_sentence(error))
+                raise
 
     def check_model(self, run_id: str) -> None:
         """Resolve the model's config and processor (no weights) before any work, once per run:
