@@ -205,8 +205,9 @@ class Run:
                 for chunk in plan.chunks:  # join-score redoes only what is damaged or missing
                     self.run_stage(JOIN_SCORE, chunk)
                 path = write_scored_csv(plan, self.store, self.settings, output)
+            # in finalize's time: on an int8 run, its fp32 sample is a visible share of a run
+            bound = measure_error_bound(plan.chunks, self.store, self.settings)
         report = report_path(path)
-        bound = measure_error_bound(plan.chunks, self.store, self.settings)
         if self.results is not None:
             if bound is not None:
                 self.results.record_error_bound(plan.run_id, bound.pairs, bound.largest,
