@@ -22,6 +22,7 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import io
 import itertools
 import json
 import re
@@ -30,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 
 from sim_pipeline.core import errors, repairs
 from sim_pipeline.core.config import Settings
@@ -396,19 +399,35 @@ def read_rows(path: Path, settings: Settings, spill: Spill | None = None
     lines.spill = spill
     url_index = find_column(header, URL_COLUMNS, settings.url_column, "url")
     caption_index = find_column(header, CAPTION_COLUMNS, settings.caption_column, "caption")
+    return header, url_index, caption_index, _parsed_rows(path, handle, lines, reader)
 
-    def rows() -> Iterator[CsvRow]:
-        with handle:
-            try:
-                for fields in reader:
-                    lines.end_row(len(fields))
-                    yield CsvRow(fields, lines.too_long)
-                    lines.next_row()
-            except csv.Error as error:  # only a crafted row (see csv.field_size_limit above)
-                raise UserError(f"Input file {path} cannot be read as CSV near line "
-                                f"{reader.line_num}: {error}.") from None
 
-    return header, url_index, caption_index, rows()
+def _parsed_rows(path: Path, handle: TextIO, lines: RowLines, reader: Any) -> Iterator[CsvRow]:
+    """The rows ``reader`` parses from ``lines``; the file is closed when they end."""
+    with handle:
+        try:
+            for fields in reader:
+                lines.end_row(len(fields))
+                yield CsvRow(fields, lines.too_long)
+                lines.next_row()
+        except csv.Error as error:  # only a crafted row (see csv.field_size_limit above)
+            raise UserError(f"Input file {path} cannot be read as CSV near line "
+                            f"{reader.line_num}: {error}.") from None
+
+
+def rows_from(path: Path, offset: int, first_row: int, spill: Spill | None = None
+              ) -> Iterator[CsvRow]:
+    """The rows of ``path`` from byte ``offset`` (the start of a line that starts row
+    ``first_row``) to the end, read exactly as ``read_rows`` reads them."""
+    delimiter = delimiter_for(path)
+    raw = path.open("rb")
+    raw.seek(offset)
+    handle = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+    lines = RowLines(handle, delimiter)
+    lines.row = first_row - 1
+    lines.next_row()
+    lines.spill = spill
+    return _parsed_rows(path, handle, lines, csv.reader(lines, delimiter=delimiter))
 
 
 class ChunkColumns:
@@ -429,12 +448,14 @@ class ChunkColumns:
 
 
 def csv_chunks(header: list[str], url_index: int, caption_index: int, rows: Iterable[CsvRow],
-               chunk_size: int) -> Iterator[pa.Table]:
-    """The parsed rows, numbered from 0, as chunk tables; a row's problem becomes its code."""
+               chunk_size: int, first: int = 0, memos: tuple[Memo, Memo] | None = None
+               ) -> Iterator[pa.Table]:
+    """The parsed rows, numbered from ``first``, as chunk tables; a row's problem becomes its
+    code."""
     width = len(header)
     empty = [""] * width
-    number = 0
-    url_memo, caption_memo = Memo(url_facts), Memo(caption_facts)  # shared by the chunks
+    number = first
+    url_memo, caption_memo = memos or (Memo(url_facts), Memo(caption_facts))  # for all chunks
     for batch in batched(rows, chunk_size):
         values: list[list[str]] = []
         codes: list[str | None] = []
@@ -454,6 +475,196 @@ def csv_chunks(header: list[str], url_index: int, caption_index: int, rows: Iter
                 codes.append(errors.MALFORMED_ROW)
         yield _columns(number, values, codes, url_index, caption_index, url_memo, caption_memo)
         number += len(values)
+
+
+BLOCK_BYTES = 1 << 24  # what the columnar reader parses at a time (whole lines)
+
+
+def csv_tables(path: Path, settings: Settings, spill: Spill | None = None, fast: bool = True
+               ) -> tuple[list[str], int, int, Iterator[pa.Table]]:
+    """The input's header, URL and caption indexes, and its chunk tables.
+
+    Blocks of plain lines (quotes only around whole one-line fields, no NUL, lone CR or blank
+    line, valid UTF-8, each line with the header's field count; ``_plain``) are parsed by
+    pyarrow's CSV reader and checked as columns: Python's ``csv`` module splits such lines the
+    same way. From the first block that is not plain on,
+    the rows are read by ``read_rows``'s parser, so every row is classified as docs/input.md
+    says; ``fast=False`` reads the whole file that way.
+    """
+    header, url_index, caption_index, rows = read_rows(path, settings)
+    next(rows, None)  # the first row; closing the reader then closes the file
+    rows.close()
+    start = _plain_data_start(path, header) if fast else None
+    if start is None:
+        rows = read_rows(path, settings, spill)[3]
+        return header, url_index, caption_index, csv_chunks(
+            header, url_index, caption_index, rows, settings.chunk_size)
+    return header, url_index, caption_index, _mixed_chunks(
+        path, header, url_index, caption_index, start, settings.chunk_size, spill)
+
+
+def _plain_data_start(path: Path, header: list[str]) -> int | None:
+    """The byte offset of the first data row when the header is one plain line, else None."""
+    with path.open("rb") as handle:
+        head = handle.read(HEAD_BYTES)
+    bom = len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0
+    end = head.find(b"\n", bom)
+    line = head[bom:end + 1]
+    if end < 0 or b'"' in line or not _plain(line, delimiter_for(path)):
+        return None
+    fields = line.rstrip(b"\r\n").decode("utf-8").split(delimiter_for(path))
+    return bom + len(line) if [repaired(f)[0] for f in fields] == header else None
+
+
+def _quoted_field(delimiter: str) -> re.Pattern[bytes]:
+    """A quoted field as RFC 4180 writes it, on one line: a quote at the field's start, doubled
+    quotes inside, the closing quote right before a delimiter or the line end."""
+    sep = re.escape(delimiter.encode())
+    return re.compile(rb'(?<![^' + sep + rb'\n])"[^"\r\n]*(?:""[^"\r\n]*)*"(?=[' + sep
+                      + rb'\r\n]|\Z)')
+
+
+_QUOTED_FIELDS = {d: _quoted_field(d) for d in (",", "\t")}
+
+
+def _plain(block: bytes, delimiter: str) -> bool:
+    """Whether ``block`` (whole lines) is read by pyarrow exactly as by the ``csv`` module:
+    quotes only around whole fields on one line (as RFC 4180 writes them), no NUL, each CR part
+    of a CRLF, no blank line, no byte-order mark where pyarrow would drop one (at its start), no
+    line past ``MAX_ROW_CHARS``, valid UTF-8."""
+    if b'"' in block:
+        block = _QUOTED_FIELDS[delimiter].sub(b"x", block)
+    if b'"' in block or b"\0" in block or b"\n\n" in block or b"\n\r\n" in block:
+        return False
+    if block.startswith((b"\n", b"\r", codecs.BOM_UTF8)) or \
+            block.count(b"\r") != block.count(b"\r\n"):
+        return False
+    if len(block) > MAX_ROW_CHARS and _longest_line(block) > MAX_ROW_CHARS:
+        return False
+    if not block.isascii():
+        try:
+            block.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _longest_line(block: bytes) -> int:
+    """Bytes of the longest line of ``block``, its line end included."""
+    ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))
+    bounds = np.concatenate([[-1], ends, [len(block) - 1]])
+    return int(np.diff(bounds).max())
+
+
+def _line_blocks(path: Path, start: int) -> Iterator[tuple[int, bytes, bool]]:
+    """``(offset, bytes, whole)`` from ``start``, about ``BLOCK_BYTES`` at a time: ``whole``
+    when the block ends at a line end (or at the end of the file)."""
+    with path.open("rb") as handle:
+        handle.seek(start)
+        carry = b""
+        offset = start
+        while data := handle.read(BLOCK_BYTES):
+            data = carry + data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0 and len(data) <= MAX_ROW_CHARS:
+                carry = data
+                continue
+            yield offset, data[:cut or len(data)], cut > 0
+            offset, carry = offset + (cut or len(data)), data[cut or len(data):]
+        if carry:
+            yield offset, carry, True
+
+
+def _plain_table(block: bytes, width: int, delimiter: str) -> pa.Table | None:
+    """The block's rows as ``width`` string columns, or None when it is not plain."""
+    if not _plain(block, delimiter):
+        return None
+    uneven: list[object] = []
+
+    def count_uneven(row: object) -> str:
+        uneven.append(row)
+        return "skip"
+
+    table = pa_csv.read_csv(
+        pa.py_buffer(block),
+        read_options=pa_csv.ReadOptions(column_names=[str(i) for i in range(width)]),
+        parse_options=pa_csv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False,
+                                          invalid_row_handler=count_uneven),
+        convert_options=pa_csv.ConvertOptions(
+            column_types=dict.fromkeys(map(str, range(width)), pa.string()),
+            strings_can_be_null=False, null_values=[]))
+    return None if uneven else table
+
+
+def _mixed_chunks(path: Path, header: list[str], url_index: int, caption_index: int,
+                  start: int, chunk_size: int, spill: Spill | None) -> Iterator[pa.Table]:
+    """Chunk tables: plain blocks as columns, and from the first other block on, ``read_rows``'s
+    parser (the rows left over from the plain blocks first)."""
+    memos = Memo(url_facts), Memo(caption_facts)
+    width, delimiter = len(header), delimiter_for(path)
+    pending: list[pa.Table] = []
+    number = 0
+    for offset, block, whole in _line_blocks(path, start):
+        table = _plain_table(block, width, delimiter) if whole else None
+        if table is None:
+            left = pa.concat_tables(pending) if pending else None
+            rows = itertools.chain(_csv_rows(left), rows_from(path, offset,
+                                                               number + _rows(left), spill))
+            yield from csv_chunks(header, url_index, caption_index, rows, chunk_size,
+                                  number, memos)
+            return
+        pending.append(table)
+        while sum(t.num_rows for t in pending) >= chunk_size:
+            whole = pa.concat_tables(pending)
+            yield _plain_columns(number, whole.slice(0, chunk_size), url_index,
+                                 caption_index, memos)
+            number += chunk_size
+            pending = [whole.slice(chunk_size)]
+    if pending and sum(t.num_rows for t in pending):
+        yield _plain_columns(number, pa.concat_tables(pending), url_index, caption_index, memos)
+
+
+def _rows(table: pa.Table | None) -> int:
+    return 0 if table is None else table.num_rows
+
+
+def _csv_rows(table: pa.Table | None) -> Iterator[CsvRow]:
+    """A few plain rows as the ``csv`` module's parser gives them."""
+    if table is not None:
+        yield from (CsvRow(list(values)) for values in zip(
+            *(table.column(i).to_pylist() for i in range(table.num_columns)), strict=True))
+
+
+def _distinct(values: pa.ChunkedArray) -> tuple[pa.Array, list[str]]:
+    """Each value's index among the distinct values, and those values."""
+    encoded = values.combine_chunks().dictionary_encode()
+    return encoded.indices, encoded.dictionary.to_pylist()
+
+
+def _plain_columns(first: int, raw: pa.Table, url_index: int, caption_index: int,
+                   memos: tuple[Memo, Memo]) -> pa.Table:
+    """``_columns`` for plain rows held as columns: each distinct URL and caption is checked
+    once, and its facts are gathered to the rows (no value of a plain row needs repair)."""
+    url_at, urls = _distinct(raw.column(url_index))
+    url_memo, caption_memo = memos
+    url_facts_ = [url_memo[u] for u in urls]
+    caption_at, captions = _distinct(raw.column(caption_index))
+    caption_facts_ = [caption_memo[c] for c in captions]
+    problem = pa.array([f[2] for f in url_facts_], pa.string()).take(url_at)
+    blank = pa.array([None if f[0].strip() else errors.MISSING_CAPTION for f in caption_facts_],
+                     pa.string()).take(caption_at)
+    count, width = raw.num_rows, raw.num_columns
+    flat = pa.concat_arrays([raw.column(i).combine_chunks() for i in range(width)])
+    order = (np.arange(width)[None, :] * count + np.arange(count)[:, None]).ravel()
+    offsets = pa.array(np.arange(0, count * width + 1, width, dtype=np.int32))
+    return pa.Table.from_arrays(
+        [pa.array(np.arange(first, first + count), pa.int64()),
+         pa.array([f[0] for f in url_facts_], pa.string()).take(url_at),
+         pa.array([f[3] for f in url_facts_], pa.string()).take(url_at),
+         pa.array([f[0] for f in caption_facts_], pa.string()).take(caption_at),
+         pa.array([f[2] for f in caption_facts_], pa.string()).take(caption_at),
+         pc.coalesce(problem, blank),
+         pa.ListArray.from_arrays(offsets, flat.take(pa.array(order)))], schema=CHUNK_SCHEMA)
 
 
 def normalise_csv_rows(header: list[str], url_index: int, caption_index: int,
@@ -538,10 +749,9 @@ def plan_csv(path: str | Path, store: ObjectStore, settings: Settings, run_id: s
     check_input_file(path)
     digest = input_digest(path, settings)
     if not _intact_plan(store, run_id, digest):
-        header, url_index, caption_index, rows = read_rows(
+        header, url_index, caption_index, tables = csv_tables(
             path, settings, Spill(store, run_id, digest))
-        chunks = write_tables(store, run_id, digest, csv_chunks(
-            header, url_index, caption_index, rows, settings.chunk_size))
+        chunks = write_tables(store, run_id, digest, tables)
         plan = RunPlan(run_id, digest, str(path), header, header[url_index],
                        header[caption_index], delimiter_for(path),
                        sum(c.rows for c in chunks), chunks)
