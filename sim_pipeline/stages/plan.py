@@ -20,6 +20,7 @@ over a few thousand images cost a few thousand URL checks per chunk, not a milli
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import hashlib
 import io
@@ -415,19 +416,42 @@ def _parsed_rows(path: Path, handle: TextIO, lines: RowLines, reader: Any) -> It
                             f"{reader.line_num}: {error}.") from None
 
 
+class CountedText:
+    """A text handle that counts the bytes of the lines read from it: read with
+    ``surrogateescape``, each line encodes back to exactly the bytes it was read from."""
+
+    def __init__(self, handle: TextIO) -> None:
+        self.handle = handle
+        self.bytes = 0
+
+    def readline(self, limit: int = -1) -> str:
+        line = self.handle.readline(limit)
+        self.bytes += len(line.encode("utf-8", "surrogateescape"))
+        return line
+
+    def __enter__(self) -> CountedText:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.handle.close()
+
+
 def rows_from(path: Path, offset: int, first_row: int, spill: Spill | None = None
-              ) -> Iterator[CsvRow]:
+              ) -> tuple[Iterator[CsvRow], CountedText]:
     """The rows of ``path`` from byte ``offset`` (the start of a line that starts row
-    ``first_row``) to the end, read exactly as ``read_rows`` reads them."""
+    ``first_row``) to the end, read exactly as ``read_rows`` reads them; and the handle that
+    counts the bytes they took."""
     delimiter = delimiter_for(path)
     raw = path.open("rb")
     raw.seek(offset)
-    handle = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
-    lines = RowLines(handle, delimiter)
+    handle = CountedText(io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape",
+                                          newline=""))
+    lines = RowLines(handle, delimiter)  # type: ignore[arg-type]
     lines.row = first_row - 1
     lines.next_row()
     lines.spill = spill
-    return _parsed_rows(path, handle, lines, csv.reader(lines, delimiter=delimiter))
+    rows = _parsed_rows(path, handle, lines, csv.reader(lines, delimiter=delimiter))  # type: ignore[arg-type]
+    return rows, handle
 
 
 class ChunkColumns:
@@ -596,43 +620,64 @@ def _plain_table(block: bytes, width: int, delimiter: str) -> pa.Table | None:
     return None if uneven else table
 
 
+PIECE_ROWS = 4096  # rows of a part read by Python's parser, made into columns at a time
+
+
 def _mixed_chunks(path: Path, header: list[str], url_index: int, caption_index: int,
                   start: int, chunk_size: int, spill: Spill | None) -> Iterator[pa.Table]:
-    """Chunk tables: plain blocks as columns, and from the first other block on, ``read_rows``'s
-    parser (the rows left over from the plain blocks first)."""
+    """Chunk tables of ``chunk_size`` rows from the pieces of ``_pieces``."""
+    pending: list[pa.Table] = []
+    count = 0
+    for piece in _pieces(path, header, url_index, caption_index, start, spill):
+        pending.append(piece)
+        count += piece.num_rows
+        while count >= chunk_size:
+            whole = pa.concat_tables(pending)
+            yield whole.slice(0, chunk_size).combine_chunks()
+            pending = [whole.slice(chunk_size)]
+            count -= chunk_size
+    if count:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+def _pieces(path: Path, header: list[str], url_index: int, caption_index: int, start: int,
+            spill: Spill | None) -> Iterator[pa.Table]:
+    """The rows as tables (``CHUNK_SCHEMA``, numbered from 0): each plain block as columns;
+    a block that is not plain by Python's parser, from its start to the first row end at or
+    past its end (where the next block starts)."""
     memos = Memo(url_facts), Memo(caption_facts)
     width, delimiter = len(header), delimiter_for(path)
-    pending: list[pa.Table] = []
-    number = 0
-    for offset, block, whole in _line_blocks(path, start):
-        table = _plain_table(block, width, delimiter) if whole else None
-        if table is None:
-            left = pa.concat_tables(pending) if pending else None
-            rows = itertools.chain(_csv_rows(left), rows_from(path, offset,
-                                                               number + _rows(left), spill))
-            yield from csv_chunks(header, url_index, caption_index, rows, chunk_size,
-                                  number, memos)
+    number, position = 0, start
+    while True:
+        other: tuple[int, int] | None = None  # offset and size of a block that is not plain
+        with contextlib.closing(_line_blocks(path, position)) as blocks:
+            for at, block, whole in blocks:
+                table = _plain_table(block, width, delimiter) if whole else None
+                if table is None:
+                    other = at, len(block)
+                    break
+                yield _plain_columns(number, table, url_index, caption_index, memos)
+                number += table.num_rows
+        if other is None:
             return
-        pending.append(table)
-        while sum(t.num_rows for t in pending) >= chunk_size:
-            whole = pa.concat_tables(pending)
-            yield _plain_columns(number, whole.slice(0, chunk_size), url_index,
-                                 caption_index, memos)
-            number += chunk_size
-            pending = [whole.slice(chunk_size)]
-    if pending and sum(t.num_rows for t in pending):
-        yield _plain_columns(number, pa.concat_tables(pending), url_index, caption_index, memos)
+        offset, size = other
+        rows, counted = rows_from(path, offset, number, spill)
+        for piece in csv_chunks(header, url_index, caption_index, _until(rows, counted, size),
+                                PIECE_ROWS, number, memos):
+            yield piece
+            number += piece.num_rows
+        if counted.bytes < size:
+            return  # the file ended inside the block
+        position = offset + counted.bytes
 
 
-def _rows(table: pa.Table | None) -> int:
-    return 0 if table is None else table.num_rows
-
-
-def _csv_rows(table: pa.Table | None) -> Iterator[CsvRow]:
-    """A few plain rows as the ``csv`` module's parser gives them."""
-    if table is not None:
-        yield from (CsvRow(list(values)) for values in zip(
-            *(table.column(i).to_pylist() for i in range(table.num_columns)), strict=True))
+def _until(rows: Iterator[CsvRow], counted: CountedText, size: int) -> Iterator[CsvRow]:
+    """``rows`` up to the first that ends ``size`` bytes or more into them."""
+    with contextlib.closing(rows):  # type: ignore[type-var]
+        for row in rows:
+            yield row
+            if counted.bytes >= size:
+                return
 
 
 def _distinct(values: pa.ChunkedArray) -> tuple[pa.Array, list[str]]:
