@@ -82,6 +82,8 @@ def test_an_awkward_row_anywhere_reads_as_pythons_csv_module_reads_it(
     ("no-end.csv", b"id,url,caption\n" + PLAIN.encode().rstrip(b"\r\n")),
     ("quoted-header.csv", b'"id","url","caption"\n' + PLAIN.encode()),
     ("header-only.csv", b"id,url,caption\n"),
+    ("cr-header.csv", b"id,url,caption\r" + PLAIN.encode()),
+    ("two-line-header.csv", b'url,caption,"no\r\nte"\r\n' + PLAIN.encode()),
     ("not-utf8.csv", b"id,url,caption\n" + PLAIN.encode() + b"q,http://img.test/\xff.jpg,c\xe9\n"
      + PLAIN.encode()),
     ("surrogate.csv", b"id,url,caption\n" + PLAIN.encode() + b"q,http://a.test/x,\xed\xa0\x80\n"),

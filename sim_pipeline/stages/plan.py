@@ -518,26 +518,25 @@ def csv_tables(path: Path, settings: Settings, spill: Spill | None = None, fast:
     header, url_index, caption_index, rows = read_rows(path, settings)
     next(rows, None)  # the first row; closing the reader then closes the file
     rows.close()
-    start = _plain_data_start(path, header) if fast else None
-    if start is None:
+    if not fast:
         rows = read_rows(path, settings, spill)[3]
         return header, url_index, caption_index, csv_chunks(
             header, url_index, caption_index, rows, settings.chunk_size)
     return header, url_index, caption_index, _mixed_chunks(
-        path, header, url_index, caption_index, start, settings.chunk_size, spill)
+        path, header, url_index, caption_index, _data_start(path), settings.chunk_size, spill)
 
 
-def _plain_data_start(path: Path, header: list[str]) -> int | None:
-    """The byte offset of the first data row when the header is one plain line, else None."""
-    with path.open("rb") as handle:
-        head = handle.read(HEAD_BYTES)
-    bom = len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0
-    end = head.find(b"\n", bom)
-    line = head[bom:end + 1]
-    if end < 0 or b'"' in line or not _plain(line, delimiter_for(path)):
-        return None
-    fields = line.rstrip(b"\r\n").decode("utf-8").split(delimiter_for(path))
-    return bom + len(line) if [repaired(f)[0] for f in fields] == header else None
+def _data_start(path: Path) -> int:
+    """The byte offset where the first data row starts: after the header row, as ``read_rows``
+    reads it (a byte-order mark first, quoted names, any line end)."""
+    delimiter = delimiter_for(path)
+    with path.open("rb") as raw:
+        bom = len(codecs.BOM_UTF8) if raw.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        raw.seek(bom)
+        handle = CountedText(io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape",
+                                              newline=""))
+        next(csv.reader(RowLines(handle, delimiter), delimiter=delimiter))  # type: ignore[arg-type]
+        return bom + handle.bytes
 
 
 def _quoted_field(delimiter: str) -> re.Pattern[bytes]:
