@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.faults import fault_sentence
 from sim_pipeline.core.layout import (
     FINALIZE,
     JOIN_SCORE,
@@ -58,6 +59,16 @@ from sim_pipeline.stages.plan import (
 from sim_pipeline.stages.registry import CHUNK_STAGES
 
 log = logging.getLogger(__name__)
+# How a model given as a local folder is written; anything else is a model hub id.
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def check_model_folder(model: str) -> None:
+    """Refuse at once a model given as a local path (absolute, ``./``, ``../``, ``~``) that is
+    not a folder: the model hub, asked for it instead, takes seconds and answers about repo ids."""
+    if model.startswith(LOCAL_PATH_PREFIXES) and not Path(model).expanduser().is_dir():
+        raise UserError(f"Model {model}: no such folder; set SIM_PIPELINE_MODEL (or --model) to "
+                        "a Hugging Face hub id or a folder saved with save_pretrained.")
 
 
 @dataclass(frozen=True)
@@ -99,25 +110,33 @@ class Run:
 
         ``source`` is what the run records as its input when ``input_path`` is a local copy of
         it (an s3:// object downloaded for planning, say); without ``run_id`` the run is named
-        after the input's content.
+        after the input's content. A run refused once it has an id (given, or read from the
+        input) is recorded failed with its one sentence, so ``results runs`` shows why.
         """
         started, started_at = time.monotonic(), datetime.now(UTC)  # the run's wall time from here
-        path = Path(input_path)
-        check_input(path, self.settings)  # before the model check: a bad input fails in a second
-        run_id = run_id or default_run_id(path, self.settings)
+        path, source = Path(input_path), source or str(input_path)
+        try:
+            check_input(path, self.settings)  # before the model check: a bad input fails fast
+            run_id = run_id or default_run_id(path, self.settings)
+            if self.results is not None:
+                self.check_model(run_id)
+            with self.counting_repairs():
+                plan = plan_csv(path, self.store, self.settings, run_id)
+        except BaseException as error:
+            if run_id:
+                self.fail(run_id, fault_sentence(error), source)
+            raise
         if self.results is not None:
-            self.check_model(run_id)
-        with self.counting_repairs():
-            plan = plan_csv(path, self.store, self.settings, run_id)
-        if self.results is not None:
-            self.results.start_run(plan.run_id, source or str(input_path), self.settings.model,
-                                   plan.rows, plan.columns, plan.delimiter, started_at)
+            self.results.start_run(plan.run_id, source, self.settings.model, plan.rows,
+                                   plan.columns, plan.delimiter, started_at)
         self.record(plan.run_id, PLAN, RUN_LEVEL, time.monotonic() - started)
         return plan
 
     def check_model(self, run_id: str) -> None:
         """Resolve the model's config and processor (no weights) before any work, once per run:
         a wrong model or backend stops the run in seconds instead of after the fetch stage."""
+        if not self.settings.inference_url:  # else the service holds the model: it is asked
+            check_model_folder(self.settings.model)
         where = self.settings.inference_url or self.settings.backend
         key = model_check_key(run_id, self.settings.model, where)
         if self.store.exists(key):
@@ -198,13 +217,16 @@ class Run:
         remove_debris(self.store)  # what earlier, killed attempts left: a clean exit leaves none
         return Finished(plan.run_id, path, report, plan.rows, bound)
 
-    def fail(self, run_id: str, failure: str | None = None) -> None:
-        """Mark the run failed, with its one sentence. When the failure is the database's own,
-        remember it in the store instead: the next run that reaches the database marks it
+    def fail(self, run_id: str, failure: str | None = None, source: str | None = None) -> None:
+        """Mark the run failed, with its one sentence; with ``source``, a run refused before
+        its plan opened it gets its row too. When the failure is the database's own, remember
+        it in the store instead: the next run that reaches the database marks it
         (``mark_pending_failures``)."""
         if self.results is None:
             return
         try:
+            if source is not None:
+                self.results.open_run_if_absent(run_id, source, self.settings.model, 0)
             self.results.finish_run(run_id, "failed", failure=failure)
         except (UserError, sa.exc.SQLAlchemyError):
             with contextlib.suppress(UserError, OSError):
