@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -94,6 +95,8 @@ class Run:
     # Stage timings the database did not take when they were measured (it was away): tried
     # again with the next timing and when the run finishes. (run_id, stage, chunk, seconds)
     unrecorded: list[tuple[str, str, int, float]] = field(default_factory=list)
+    # embed-texts times its chunks from a thread beside fetch-images: one recorder at a time
+    recording: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, record: bool = True) -> Run:
@@ -283,9 +286,10 @@ class Run:
         """Record the kept timings; when the run finishes (``final``) and the database still
         does not take them, say once that the report lacks them: the scores are whole."""
         try:
-            while self.unrecorded:
-                self.results.record_stage(*self.unrecorded[0])  # type: ignore[union-attr]
-                self.unrecorded.pop(0)
+            with self.recording:
+                while self.unrecorded:
+                    self.results.record_stage(*self.unrecorded[0])  # type: ignore[union-attr]
+                    self.unrecorded.pop(0)
         except (UserError, sa.exc.SQLAlchemyError) as error:
             log.debug("Stage timing not recorded yet: %s", str(error).splitlines()[0])
             if final:
