@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,6 +95,8 @@ class Run:
     # Stage timings the database did not take when they were measured (it was away): tried
     # again with the next timing and when the run finishes. (run_id, stage, chunk, seconds)
     unrecorded: list[tuple[str, str, int, float]] = field(default_factory=list)
+    # embed-texts times its chunks from a thread beside fetch-images: one recorder at a time
+    recording: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, record: bool = True) -> Run:
@@ -115,9 +119,7 @@ class Run:
         try:
             check_input(path, self.settings)  # before the model check: a bad input fails fast
             run_id = run_id or default_run_id(path, self.settings)
-            if self.results is not None:
-                self.check_model(run_id)
-            with self.counting_repairs():
+            with self.model_checked_beside(run_id), self.counting_repairs():
                 plan = plan_csv(path, self.store, self.settings, run_id)
         except BaseException as error:
             if run_id:
@@ -128,6 +130,24 @@ class Run:
                                    plan.columns, plan.delimiter, started_at)
         self.record(plan.run_id, PLAN, RUN_LEVEL, time.monotonic() - started)
         return plan
+
+    @contextmanager
+    def model_checked_beside(self, run_id: str) -> Iterator[None]:
+        """The model check (``check_model``) in a thread while the block plans the input: on a
+        cold machine its first torch and transformers imports take seconds that planning need
+        not wait for. Both are done when the block ends, before any fetch; a failing check's
+        sentence wins over a failing block's (the check was the first step before)."""
+        if self.results is None:  # nothing recorded, nothing scored (``fetch``): no check
+            yield
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="model-check") as beside:
+            checked = beside.submit(self.check_model, run_id)
+            try:
+                yield
+            except BaseException:
+                checked.result()  # the model's sentence, if it failed too
+                raise
+            checked.result()
 
     def check_model(self, run_id: str) -> None:
         """Resolve the model's config and processor (no weights) before any work, once per run:
@@ -199,8 +219,9 @@ class Run:
                 for chunk in plan.chunks:  # join-score redoes only what is damaged or missing
                     self.run_stage(JOIN_SCORE, chunk)
                 path = write_scored_csv(plan, self.store, self.settings, output)
+            # in finalize's time: on an int8 run, its fp32 sample is a visible share of a run
+            bound = measure_error_bound(plan.chunks, self.store, self.settings)
         report = report_path(path)
-        bound = measure_error_bound(plan.chunks, self.store, self.settings)
         if self.results is not None:
             if bound is not None:
                 self.results.record_error_bound(plan.run_id, bound.pairs, bound.largest,
@@ -265,9 +286,10 @@ class Run:
         """Record the kept timings; when the run finishes (``final``) and the database still
         does not take them, say once that the report lacks them: the scores are whole."""
         try:
-            while self.unrecorded:
-                self.results.record_stage(*self.unrecorded[0])  # type: ignore[union-attr]
-                self.unrecorded.pop(0)
+            with self.recording:
+                while self.unrecorded:
+                    self.results.record_stage(*self.unrecorded[0])  # type: ignore[union-attr]
+                    self.unrecorded.pop(0)
         except (UserError, sa.exc.SQLAlchemyError) as error:
             log.debug("Stage timing not recorded yet: %s", str(error).splitlines()[0])
             if final:
