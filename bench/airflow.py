@@ -11,7 +11,14 @@ it paid itself (nothing: the inference-server holds the model). Goals: 5 chunks 
 the CLI's time, 20 chunks of 75 <= x2. Random ViT-B/32 weights (SIM_BENCH_MODEL_SHAPE=tiny for
 a smoke run): the scores mean nothing, only the times do. Prints, never asserts.
 
+Then where the Airflow run's time went: per task the medians of its gaps (its last upstream's
+end -> scheduled -> queued -> started -> ended), the critical path, how many tasks of each pool
+ran at once, each component's CPU seconds during the run (the load average is printed beside:
+the CPUs are shared), and how long each task's Celery slot stayed taken after the task ended. The
+run's task instances are kept as ``airflow-<size>.tasks.json`` in the work folder.
+
     .venv/bin/python -m bench.airflow [--pairs 1500] [--images 1200] [--chunk-sizes 300,75]
+    .venv/bin/python -m bench.airflow --timeline WORK/airflow-75.tasks.json
 
 Chunks below the trigger form's 100-row floor are planned by the CLI-free path the form cannot
 reach: the benchmark sets ``SIM_PIPELINE_CHUNK_SIZE`` on the stack and triggers without
@@ -25,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -41,6 +49,8 @@ from bin.airflow_api import DAG_ID, AirflowApi
 
 GOALS = {300: 1.3, 75: 2.0}
 EMBED_TASKS = ("score_chunk.embed_images", "score_chunk.embed_texts")
+WORKLOAD_FINISHED = re.compile(r"Workload finished.*?duration=(?P<seconds>[0-9.]+).*?"
+                               r"workload_id=(?P<id>[0-9a-f-]+)")
 
 
 def stack_call(*args: str, env: dict[str, str]) -> None:
@@ -203,6 +213,24 @@ def dag_edges(api: AirflowApi) -> dict[str, list[str]]:
     return edges
 
 
+def held_past_end(home: Path, tis: list[dict[str, Any]]) -> list[str]:
+    """How long each task's worker slot stayed taken after the task's end: the supervisor's
+    ``Workload finished`` duration in the workers' logs minus the task instance's duration. The
+    next task on that worker cannot start before it."""
+    durations = {ti["id"]: float(ti["duration"]) for ti in tis if ti.get("duration") is not None}
+    extra = []
+    for log in sorted((home / "logs").glob("worker-*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            found = WORKLOAD_FINISHED.search(line)
+            if found and found["id"] in durations:
+                extra.append(float(found["seconds"]) - durations[found["id"]])
+    if not extra:
+        return []
+    return [f"  worker slot held past the task's end ({len(extra)} tasks): median "
+            f"{statistics.median(extra):.2f} s, max {max(extra):.2f} s, over 1 s: "
+            f"{sum(e > 1 for e in extra)}, over 2 s: {sum(e > 2 for e in extra)}"]
+
+
 def cpu_seconds(home: Path) -> dict[str, float]:
     """CPU seconds used so far by each component of the stack in ``home``: every process of its
     process group (``up`` starts each in its own session), with the children it has reaped (the
@@ -251,6 +279,7 @@ def one_size(base: dict[str, str], source: Path, work: Path,
         before = cpu_seconds(home)
         record = airflow_run(AirflowApi(port), source, work / f"airflow-{chunk_size}.csv")
         cpu = cpu_lines(before, cpu_seconds(home), run_seconds(record))
+        cpu += held_past_end(home, record["task_instances"])
         cli_env = {**stack.component_environ(config, base, "cli"),
                    "SIM_PIPELINE_STORE": f"s3://{config.bucket}/cli-{chunk_size}"}
         cli = cli_run(source, cli_env)
