@@ -7,9 +7,12 @@ cold run's stage breakdown and the modules the warm run imported. Bare compute: 
 on ready pixel tensors plus the text tower on the distinct captions, at the precision and backend
 the run used. Goals: cold <= 1.1x bare compute; warm (every vector cached, a new run id) <= 5% of
 cold, importing neither torch nor transformers. Random ViT-B/32 weights: speed only.
+``--precision fp32`` forces fp32 on the run and the bare compute alike: on a CPU with bf16 it
+stands in for one without (where ``auto`` picks fp32).
 
     .venv/bin/python -m bench.end_to_end [--pairs 1000] [--images 800] [--skip-baseline]
                                          [--backend torch|onnx|onnx-int8]
+                                         [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -57,6 +60,11 @@ def timed_run(command: list[str], env: dict[str, str], probe: str) -> tuple[floa
     return seconds, int(lines[-1]) / 1024, notes
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: other work on the machine moves every figure."""
+    return "load average " + " ".join(f"{load:.2f}" for load in os.getloadavg())
+
+
 def stage_seconds(database: Path, run_id: str) -> dict[str, float]:
     """The run's stage timings, summed over its chunks, in the order the stages finished."""
     with sqlite3.connect(database) as conn:
@@ -65,14 +73,15 @@ def stage_seconds(database: Path, run_id: str) -> dict[str, float]:
     return dict(rows)
 
 
-def bare_compute(model: str, source: Path, backend: str, batch_size: int) -> tuple[float, str]:
+def bare_compute(model: str, source: Path, backend: str, batch_size: int,
+                 precision: str = "auto") -> tuple[float, str]:
     """Seconds the towers alone need for the run's distinct images and captions, inputs ready
     (decoded, preprocessed, in memory): the floor a cold run is measured against."""
     from sim_pipeline.core.config import Settings
     from sim_pipeline.stages.decode import decode_image
     from sim_pipeline.stages.embed.encoders import encoder_for, vector_tag
 
-    settings = Settings(model=model, backend=backend, batch_size=batch_size)
+    settings = Settings(model=model, backend=backend, batch_size=batch_size, precision=precision)
     with source.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     folder = BENCH_DIR / "images-640"
@@ -104,6 +113,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx", "onnx-int8"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="the run's and the bare compute's (torch backend)")
     parser.add_argument("--skip-baseline", action="store_true")
     args = parser.parse_args()
 
@@ -114,10 +125,10 @@ def main() -> None:
            "SIM_PIPELINE_DATABASE_URL": f"sqlite:///{database}",
            "SIM_PIPELINE_ALLOW_HOSTS": base_url.removeprefix("http://")}
     cli = ["score", str(source), "--quiet", "--backend", args.backend,
-           "--batch-size", str(args.batch_size)]
+           "--batch-size", str(args.batch_size), "--precision", args.precision]
     print(f"{args.pairs} pairs over {args.images} distinct 640x480 JPEGs, model: random "
-          f"ViT-B/32 (scores meaningless), backend {args.backend}")
-    print(cpu_line())
+          f"ViT-B/32 (scores meaningless), backend {args.backend}, precision {args.precision}")
+    print(f"{cpu_line()}; {load_average()}")
 
     if args.backend != "torch":  # once per model and store, as every run after the first finds it
         started = time.perf_counter()
@@ -137,7 +148,7 @@ def main() -> None:
     results["sim-pipeline cold"] = timed_run([*cli, "--run-id", "cold"], env, CLI_PROBE)
     results["sim-pipeline warm"] = timed_run([*cli, "--run-id", "warm"], env, CLI_PROBE)
     server.shutdown()
-    bare, detail = bare_compute(model, source, args.backend, args.batch_size)
+    bare, detail = bare_compute(model, source, args.backend, args.batch_size, args.precision)
 
     for name, (seconds, rss, _) in results.items():
         print(f"{name:30s} {seconds:7.1f} s {args.pairs / seconds:8.1f} pairs/s "
@@ -156,6 +167,7 @@ def main() -> None:
           f"{warm_imports}")
     for line in results["sim-pipeline cold"][2].splitlines()[1:]:
         print(f"cold run's {line}")
+    print(f"at the end: {load_average()}")
 
 
 if __name__ == "__main__":

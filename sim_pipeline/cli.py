@@ -71,12 +71,38 @@ def checked_input(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def run_settings(args: argparse.Namespace, run_id: str | None) -> Settings:
+    """The settings of a run; with a run id given, a refused option is recorded as the run's
+    failure (in the results database the other flags name), so ``results runs`` shows it."""
+    try:
+        return settings_from(args) if run_id else checked_input(args)
+    except UserError as refused:
+        if run_id:
+            record_refused(args, run_id, fault_sentence(refused))
+        raise
+
+
+def record_refused(args: argparse.Namespace, run_id: str, sentence: str) -> None:
+    """Mark ``run_id`` failed with ``sentence``, reaching the database with only the flags that
+    say where it is (and the model the run asked for); best effort: the refusal is printed
+    whether or not the database takes it."""
+    from contextlib import suppress
+
+    from sim_pipeline.runners.lifecycle import Run
+
+    with suppress(UserError, OSError):  # a refused database setting, or a database away
+        settings = load_settings({"database_url": args.database_url, "model": args.model},
+                                 flags=True)
+        Run.open(settings).fail(run_id, sentence, str(args.input))
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    settings = checked_input(args)
+    run_id = run_id_given(args.run_id)
+    settings = run_settings(args, run_id)  # without a run id, the input is checked here
     from sim_pipeline.runners.pipeline import score_csv
 
     summary = score_csv(args.input, settings, args.output, progress=not args.quiet,
-                        run_id=run_id_given(args.run_id))
+                        run_id=run_id)
     print(summary.render())
     return 0
 

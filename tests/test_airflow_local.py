@@ -221,6 +221,36 @@ def test_a_run_that_fails_on_its_own_is_marked_failed_within_a_minute(
     live.api.wait(lambda: (run_status(pg_url, run_id) or {}).get("status") == "failed",
                   "the scoring run to be marked failed", timeout=60)
     assert "failed" in status_line(live, run_id)
+    # The failed try's log ends with its one sentence (its full traceback is logged at DEBUG: a
+    # person's mistake, which the sentence names).
+    sentence = ("Cannot write the scored CSV to /dev/null/scored.csv: /dev/null is not a "
+                "writable folder; check the trigger form's 'output_path' field.")
+    (log,) = (live.home / "logs").glob(f"dag_id=*/run_id={run_id}/task_id=finalize/*.log")
+    shown = shown_lines(log)
+    assert shown[-1].endswith(sentence), shown[-12:]
+    assert f"ERROR {sentence}" in shown, shown[-12:]
+    assert not any("Where it failed" in line for line in shown)
+    # Airflow's own "Task failed with exception" follows, its traceback only the task runner's
+    # frames down to the wrapper: none of the code that failed.
+    after = shown[shown.index(f"ERROR {sentence}") + 1:]
+    assert after[0] == "ERROR Task failed with exception", after
+    assert not [line for line in after if "sim_pipeline/" in line or "runs.py" in line], after
+
+
+def shown_lines(log: Path) -> list[str]:
+    """A task log (JSON lines) as text, the way the UI shows it: ``LEVEL event`` per event, each
+    exception's traceback after its event, group markers dropped."""
+    lines = []
+    for raw in log.read_text().splitlines():
+        event = json.loads(raw)
+        if str(event.get("event", "")).startswith(("::group::", "::endgroup::")):
+            continue
+        lines.append(f"{str(event.get('level', '')).upper()} {event.get('event', '')}")
+        for error in event.get("error_detail") or []:
+            lines += [f"  File {frame.get('filename')}, line {frame.get('lineno')}"
+                      for frame in error.get("frames", [])]
+            lines.append(f"{error.get('exc_type')}: {error.get('exc_value')}")
+    return lines
 
 
 def test_a_run_marked_failed_by_hand_is_marked_failed_within_a_minute(

@@ -137,3 +137,32 @@ def test_every_published_port_binds_loopback(config: dict[str, Any]) -> None:
     published = [port for service in config["services"].values()
                  for port in service.get("ports", [])]
     assert published and all(port["host_ip"] == "127.0.0.1" for port in published)
+
+
+def host_rows() -> dict[str, list[str]]:
+    """docs/deployment.md's table of worker hosts: host -> its cells."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    section = text.split("## Workers on other hosts", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| ")]
+    return {row[0]: row for row in rows[1:] if not row[0].startswith("-")}
+
+
+def test_the_deployment_docs_host_table_is_what_the_stack_gives_each_worker() -> None:
+    """Queue, concurrency and the model check's source of each worker, as bin/stack.py
+    starts it: the fetch worker reads the model's folder, only the inference worker has the
+    model server's URL."""
+    cfg = stack_module.StackConfig("/stack", 8080, stack_module.DEFAULT_ADMIN_URL, 1,
+                                   seaweed_ports={"s3": 8333}, model_port=8000)
+    rows, base = host_rows(), {"SIM_PIPELINE_MODEL": "/models/clip"}
+    assert set(rows) == {"fetch", "inference"}
+    for name, queue in stack_module.WORKER_QUEUES.items():
+        assert rows[queue][1] == f"`{queue}`, {queue_concurrency()[queue]}", rows[queue]
+        env = stack_module.component_environ(cfg, base, name)
+        assert env["SIM_PIPELINE_MODEL"] == "/models/clip"
+        assert env["SIM_PIPELINE_WORKER_NAME"] == name
+    fetch = stack_module.component_environ(cfg, base, "worker-fetch")
+    inference = stack_module.component_environ(cfg, base, stack_module.INFERENCE_WORKER)
+    assert "SIM_PIPELINE_INFERENCE_URL" not in fetch and "model's folder" in rows["fetch"][2]
+    assert inference["SIM_PIPELINE_INFERENCE_URL"] == cfg.inference_url
+    assert "SIM_PIPELINE_INFERENCE_URL" in rows["inference"][2]

@@ -7,6 +7,9 @@ of similarities), appear in the summary, and be kept on the run's record.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,32 @@ def test_an_int8_run_reports_its_error_against_fp32(
                                               similarities(tmp_path / "fp32.csv"), strict=True))
     assert observed == pytest.approx(largest, abs=1e-4 + 1e-6), "rounding aside, the same"
     assert run_record(settings.database_url, "fp32") == (None, None, None)
+
+
+HEAVY_PROBE = ("import sys; from sim_pipeline.cli import main; code = main(sys.argv[1:]); "
+               "print(code, sorted(m for m in ('onnxruntime', 'torch', 'transformers') "
+               "if m in sys.modules))")
+
+
+def test_int8_runs_with_exports_in_the_store_need_neither_torch_nor_transformers(
+        tmp_path: Path, settings: Settings, image_server: ImageServer) -> None:
+    """Once the towers are exported: a cold run (new images and captions, the model check not
+    remembered) computes through ONNX Runtime alone, its error bound included; a rerun whose
+    vectors are all cached, under a new run id, loads no model at all."""
+    first = write_cases(tmp_path / "first.csv", [
+        Case(url, f"first caption {i}", None)
+        for i, url in enumerate(serve_good_images(image_server, 3, prefix="int8-export"))])
+    assert score(first, settings, "--backend", "onnx-int8") == 0  # exports both towers
+    shutil.rmtree(Path(settings.store) / "model-checks")
+    fresh = write_cases(tmp_path / "fresh.csv", [
+        Case(url, f"a fresh caption {i}", None)
+        for i, url in enumerate(serve_good_images(image_server, 4, prefix="int8-fresh"))])
+    flags = ["--model", settings.model, "--store", settings.store, "--database-url",
+             settings.database_url, "--allow-hosts", settings.allow_hosts,
+             "--backend", "onnx-int8"]
+    for run_id, imported in (("cold", "['onnxruntime']"), ("warm", "[]")):
+        done = subprocess.run([sys.executable, "-c", HEAVY_PROBE, "score", str(fresh), *flags,
+                               "--run-id", run_id], capture_output=True, text=True, check=True)
+        assert done.stdout.strip().splitlines()[-1] == f"0 {imported}", (run_id, done.stdout)
+        assert "int8      |similarity - fp32| max" in done.stdout, "the bound, measured"
+        assert run_record(settings.database_url, run_id)[0] == 4

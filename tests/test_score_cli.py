@@ -149,10 +149,18 @@ def test_a_model_that_cannot_load_names_the_setting(
     (url,) = serve_good_images(image_server, 1, prefix="nomodel")
     source = write_cases(tmp_path / "pairs.csv", [Case(url, "a caption", None)])
     bad = settings.replace(model=str(tmp_path / "no-such-model"))
-    assert score(source, bad) == 2
+    fetched = image_server.total_requests()
+    assert score(source, bad, "--run-id", "no-model") == 2
     err = capsys.readouterr().err.strip()
     assert "SIM_PIPELINE_MODEL" in err and "no-such-model" in err
     assert len(err.splitlines()) == 1
+    assert image_server.total_requests() == fetched, "stopped before any fetch"
+    engine = sa.create_engine(settings.database_url)
+    with engine.connect() as conn:
+        status, failure = conn.execute(sa.text(
+            "SELECT status, failure FROM scoring_runs WHERE run_id = 'no-model'")).one()
+    engine.dispose()
+    assert (status, f"sim-pipeline: error: {failure}") == ("failed", err)
 
 
 def test_fetch_only_warms_the_cache_for_a_later_score(
@@ -184,6 +192,34 @@ def test_outputs_are_created_with_the_usual_permissions_not_0600(
         os.umask(previous)
     for name in ("pairs_scored.csv", "pairs_scored_report.html"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_the_model_check_runs_beside_planning(
+        tmp_path: Path, settings: Settings, cases: list[Case],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check's first torch and transformers imports take seconds on a cold machine: the
+    input is planned meanwhile, in the calling thread."""
+    import threading
+
+    from sim_pipeline.runners import lifecycle
+    from sim_pipeline.stages.embed import families
+
+    threads: dict[str, str] = {}
+    real_check, real_plan = families.checked_family, lifecycle.plan_csv
+
+    def check(*args: object, **kwargs: object) -> str:
+        threads["check"] = threading.current_thread().name
+        return real_check(*args, **kwargs)
+
+    def plan(*args: object, **kwargs: object) -> object:
+        threads["plan"] = threading.current_thread().name
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(families, "checked_family", check)
+    monkeypatch.setattr(lifecycle, "plan_csv", plan)
+    assert score(write_cases(tmp_path / "pairs.csv", cases[:3]), settings) == 0
+    assert threads["check"].startswith("model-check")
+    assert threads["plan"] == threading.main_thread().name
 
 
 def test_a_runs_recorded_start_comes_before_its_model_check(

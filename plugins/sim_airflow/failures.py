@@ -6,17 +6,35 @@ red square (a CSV without a caption column used to fail after 138 s of backoff),
 task at once with ``AirflowFailException``, in one sentence that names the trigger form's field
 to change. A ``UserError`` raised while the store or the results database could not be *reached*
 is a network problem, not the user's: it stays retryable, as does every other exception.
+
+Whatever a task fails with, its log ends with the one sentence (``ends_in_one_sentence``): the
+traceback first (at DEBUG for a mistake a person must fix, unless ``SIM_PIPELINE_DEBUG`` is set;
+at ERROR otherwise), then the sentence, then the failure raised again as a short exception whose
+message is that sentence, so the task runner's own "Task failed with exception", the last thing
+it logs outside the collapsed "Post Execute" group, ends in it too.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import PurePath
 
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import (
+    AirflowException,
+    AirflowFailException,
+    AirflowRescheduleException,
+    AirflowSkipException,
+    AirflowTaskTerminated,
+    AirflowTaskTimeout,
+    DownstreamTasksSkipped,
+    TaskDeferred,
+)
+
+log = logging.getLogger(__name__)
 
 # The trigger form's fields (sim_airflow.options.params), by the part of the library whose
 # UserError they fix: the model loader, else the input's reader.
@@ -72,3 +90,53 @@ def fail_at_once_when_hopeless(field: str) -> Iterator[None]:
             raise
         raise AirflowFailException(form_sentence(str(error), form_field(error, field))) \
             from error
+
+
+class TaskFailed(AirflowException):
+    """A failure a retry may cure, carried as its one sentence (retried like any other)."""
+
+
+# What a task raises to tell the task runner something other than "this try failed".
+NOT_FAILURES = (AirflowSkipException, AirflowRescheduleException, TaskDeferred,
+                DownstreamTasksSkipped, AirflowTaskTimeout, AirflowTaskTerminated)
+
+
+def task_sentence(error: BaseException) -> str:
+    """The failure in one sentence: the task's or the library's own, else the fault's kind."""
+    from sim_pipeline.core.errors import UserError
+    from sim_pipeline.core.faults import known_fault
+
+    if isinstance(error, (AirflowException, UserError)):
+        return str(error).strip() or type(error).__name__
+    known = known_fault(error)
+    if known is not None:
+        return known
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"unexpected {type(error).__name__}{': ' + first if first else ''}; its traceback " \
+           "is above."
+
+
+def traceback_level(error: Exception) -> int:
+    """DEBUG for a mistake a person must fix (the sentence says which), unless debugging is
+    asked for; ERROR for the rest, whose traceback says where."""
+    from sim_pipeline.core.config import debug_requested
+
+    hopeless = isinstance(error, AirflowFailException)
+    return logging.DEBUG if hopeless and not debug_requested() else logging.ERROR
+
+
+@contextmanager
+def ends_in_one_sentence() -> Iterator[None]:
+    """Around a task's body: on failure, log the traceback, then the sentence, and raise the
+    failure again as a short exception of the same retry kind with only that sentence."""
+    try:
+        yield
+    except NOT_FAILURES:
+        raise
+    except Exception as error:
+        sentence = task_sentence(error)
+        log.log(traceback_level(error), "Where it failed:", exc_info=True)
+        log.error(sentence)
+        if isinstance(error, AirflowFailException):
+            raise AirflowFailException(sentence) from None
+        raise TaskFailed(sentence) from None

@@ -4,8 +4,9 @@ This module only adapts them to Airflow: the run id is Airflow's run id, runs wi
 read the nightly input of their logical date (and skip when it is missing), s3:// inputs and outputs
 travel through the aws connection (the amazon provider's ``S3Hook``; the library's store gets the
 same connection as ``Settings.s3``), the plan never needs more mapped tasks than Airflow allows, an
-input or model no retry can fix fails the task at once (``failures``), and each stage's log says
-how it is going (``progress``). Unless the run's ``output_path`` says otherwise, its scored CSV and
+input or model no retry can fix fails the task at once (``failures``), a failed task's log ends with
+its one sentence (``failures.ends_in_one_sentence``), and each stage's log says how it is going
+(``progress``). Unless the run's ``output_path`` says otherwise, its scored CSV and
 report are named after the run id, beside the input, so runs never overwrite each other.
 """
 
@@ -30,6 +31,7 @@ from sim_airflow.failures import (
     INPUT_FIELD,
     MODEL_FIELD,
     OUTPUT_FIELD,
+    ends_in_one_sentence,
     fail_at_once_when_hopeless,
 )
 from sim_airflow.labels import chunk_label
@@ -129,34 +131,20 @@ def count_rows(path: Path, settings: Settings) -> int:
     return sum(1 for _ in rows)
 
 
-LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
-
-
-def check_model_folder(model: str) -> None:
-    """A model given as a local path (absolute, ``./``, ``../``, ``~``) that is not a folder
-    fails at once: asking the model hub for it would take seconds and answer about repo ids."""
-    if model.startswith(LOCAL_PATH_PREFIXES) and not Path(model).expanduser().is_dir():
-        raise AirflowFailException(f"Model {model}: no such folder; check the trigger form's "
-                                   f"{MODEL_FIELD!r} field.")
-
-
 def record_failed_plan(settings: Settings, run_id: str, source: str, failure: str) -> None:
     """A run that fails before or while planning still gets its ``scoring_runs`` row, failed,
     so ``sim-pipeline results runs`` shows it (best effort: the database may be the failure)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     from sim_pipeline.core.errors import UserError
-    from sim_pipeline.results.db import ResultsDB
+    from sim_pipeline.runners import dispatch
 
     try:
-        results = ResultsDB(settings.database_url, settings.db_retry_seconds)
-        results.open_run_if_absent(run_id, source, settings.model, 0)
-        results.finish_run(run_id, "failed", failure=failure)
-    except (UserError, SQLAlchemyError):
+        dispatch.fail(settings, run_id, failure, source)
+    except UserError:
         log.warning("Run %s could not be recorded as failed in the results database.", run_id,
                     exc_info=True)
 
 
+@ends_in_one_sentence()
 def plan_run() -> list[Chunk]:
     """Plan the run's input into chunks and open the run, keyed by the Airflow run id; a run
     that cannot be planned is recorded failed before the task fails."""
@@ -172,9 +160,11 @@ def plan_run() -> list[Chunk]:
 
 def plan_chunks(context: Context, settings: Settings, location: str) -> list[Chunk]:
     from sim_pipeline.runners import dispatch
+    from sim_pipeline.runners.lifecycle import check_model_folder
 
     if not settings.inference_url:  # else the model server holds it, and plan asks it
-        check_model_folder(settings.model)
+        with fail_at_once_when_hopeless(MODEL_FIELD):
+            check_model_folder(settings.model)
     hook = s3_hook() if is_s3(location) else None  # one for the check and the download
     check_input(location, context, hook)
     with fail_at_once_when_hopeless(INPUT_FIELD), local_copy(location, hook) as path:
@@ -193,6 +183,7 @@ def plan_chunks(context: Context, settings: Settings, location: str) -> list[Chu
     return planned["chunks"]
 
 
+@ends_in_one_sentence()
 def run_chunk_stage(stage: str, chunk: Mapping[str, Any]) -> dict[str, Any]:
     """One per-chunk stage (``fetch-images``, ``embed-images``, ...) on the chunk described."""
     from sim_pipeline.runners import dispatch
@@ -255,6 +246,7 @@ def write_output(settings: Settings, run_id: str, output: str) -> dict[str, Any]
     return {**result, "output": output, "report": f"s3://{bucket}/{report_key}"}
 
 
+@ends_in_one_sentence()
 def finalize_run(scored: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> dict[str, Any]:
     """Write the scored CSV and close the run; the chunks' counts are summed for the log."""
     context = get_current_context()

@@ -36,14 +36,11 @@ def record_task_failure(context: Mapping[str, Any]) -> None:
     error = context.get("exception")
     if not os.environ.get("AIRFLOW_CTX_TASK_ID") or error is None:
         return
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from sim_airflow.failures import task_sentence
     from sim_airflow.settings import task_settings
-    from sim_pipeline.core.faults import fault_sentence
     from sim_pipeline.runners import dispatch
 
-    # The tasks' own failures are sentences already.
-    sentence = str(error) if isinstance(error, AirflowFailException) else fault_sentence(error)
+    sentence = task_sentence(error)  # the tasks' own failures are sentences already
     ti = context["ti"]
     chunk = f", chunk {ti.map_index}" if ti.map_index >= 0 else ""
     dispatch.fail(task_settings(context["params"]), str(context["run_id"]),

@@ -14,7 +14,7 @@ from typing import Any
 from sim_pipeline.core.config import Settings, load_settings
 from sim_pipeline.core.layout import sha256_hex
 from sim_pipeline.core.streams import batched
-from sim_pipeline.runners.lifecycle import Run
+from sim_pipeline.runners.lifecycle import Run, check_model_folder
 from sim_pipeline.stages.plan import InputRow, normalise_row, write_chunks
 from sim_pipeline.stages.registry import CHUNK_STAGES
 from sim_pipeline.stages.score import ScoredRow
@@ -35,6 +35,8 @@ def score_pairs(pairs: Iterable[Pair], settings: Settings | None = None,
                 group_size: int = 256) -> Iterator[ScoredRow]:
     """Yield one ``ScoredRow`` per (url, caption) pair, in order, with a similarity or an error."""
     settings = settings or load_settings()
+    if not settings.inference_url:  # else the service holds the model
+        check_model_folder(settings.model)  # at once, not after the first group's fetch
     run = Run.open(settings, record=False)
     numbers = count()
     for group in batched(pairs, group_size):

@@ -46,9 +46,11 @@ def finalize(settings: Settings, run_id: str | None, output: str | Path | None =
             "rows": done.rows, "repaired": dict(run.repaired)}
 
 
-def fail(settings: Settings, run_id: str, failure: str | None = None) -> None:
-    """Close the run as failed, with its one sentence if known (best effort)."""
-    Run.open(settings).fail(run_id, failure)
+def fail(settings: Settings, run_id: str, failure: str | None = None,
+         source: str | None = None) -> None:
+    """Close the run as failed, with its one sentence if known (best effort); with ``source``,
+    a run that never planned gets its row too."""
+    Run.open(settings).fail(run_id, failure, source)
 
 
 def _counts(result: Any) -> dict[str, Any]:

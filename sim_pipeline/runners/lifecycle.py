@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,6 +28,7 @@ import sqlalchemy as sa
 from sim_pipeline.core import repairs
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
+from sim_pipeline.core.faults import fault_sentence
 from sim_pipeline.core.layout import (
     FINALIZE,
     JOIN_SCORE,
@@ -57,6 +60,16 @@ from sim_pipeline.stages.plan import (
 from sim_pipeline.stages.registry import CHUNK_STAGES
 
 log = logging.getLogger(__name__)
+# How a model given as a local folder is written; anything else is a model hub id.
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")
+
+
+def check_model_folder(model: str) -> None:
+    """Refuse at once a model given as a local path (absolute, ``./``, ``../``, ``~``) that is
+    not a folder: the model hub, asked for it instead, takes seconds and answers about repo ids."""
+    if model.startswith(LOCAL_PATH_PREFIXES) and not Path(model).expanduser().is_dir():
+        raise UserError(f"Model {model}: no such folder; set SIM_PIPELINE_MODEL (or --model) to "
+                        "a Hugging Face hub id or a folder saved with save_pretrained.")
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,8 @@ class Run:
     # Stage timings the database did not take when they were measured (it was away): tried
     # again with the next timing and when the run finishes. (run_id, stage, chunk, seconds)
     unrecorded: list[tuple[str, str, int, float]] = field(default_factory=list)
+    # embed-texts times its chunks from a thread beside fetch-images: one recorder at a time
+    recording: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, record: bool = True) -> Run:
@@ -96,25 +111,49 @@ class Run:
 
         ``source`` is what the run records as its input when ``input_path`` is a local copy of
         it (an s3:// object downloaded for planning, say); without ``run_id`` the run is named
-        after the input's content.
+        after the input's content. A run refused once it has an id (given, or read from the
+        input) is recorded failed with its one sentence, so ``results runs`` shows why.
         """
         started, started_at = time.monotonic(), datetime.now(UTC)  # the run's wall time from here
-        path = Path(input_path)
-        check_input(path, self.settings)  # before the model check: a bad input fails in a second
-        run_id = run_id or default_run_id(path, self.settings)
+        path, source = Path(input_path), source or str(input_path)
+        try:
+            check_input(path, self.settings)  # before the model check: a bad input fails fast
+            run_id = run_id or default_run_id(path, self.settings)
+            with self.model_checked_beside(run_id), self.counting_repairs():
+                plan = plan_csv(path, self.store, self.settings, run_id)
+        except BaseException as error:
+            if run_id:
+                self.fail(run_id, fault_sentence(error), source)
+            raise
         if self.results is not None:
-            self.check_model(run_id)
-        with self.counting_repairs():
-            plan = plan_csv(path, self.store, self.settings, run_id)
-        if self.results is not None:
-            self.results.start_run(plan.run_id, source or str(input_path), self.settings.model,
-                                   plan.rows, plan.columns, plan.delimiter, started_at)
+            self.results.start_run(plan.run_id, source, self.settings.model, plan.rows,
+                                   plan.columns, plan.delimiter, started_at)
         self.record(plan.run_id, PLAN, RUN_LEVEL, time.monotonic() - started)
         return plan
+
+    @contextmanager
+    def model_checked_beside(self, run_id: str) -> Iterator[None]:
+        """The model check (``check_model``) in a thread while the block plans the input: on a
+        cold machine its first torch and transformers imports take seconds that planning need
+        not wait for. Both are done when the block ends, before any fetch; a failing check's
+        sentence wins over a failing block's (the check was the first step before)."""
+        if self.results is None:  # nothing recorded, nothing scored (``fetch``): no check
+            yield
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="model-check") as beside:
+            checked = beside.submit(self.check_model, run_id)
+            try:
+                yield
+            except BaseException:
+                checked.result()  # the model's sentence, if it failed too
+                raise
+            checked.result()
 
     def check_model(self, run_id: str) -> None:
         """Resolve the model's config and processor (no weights) before any work, once per run:
         a wrong model or backend stops the run in seconds instead of after the fetch stage."""
+        if not self.settings.inference_url:  # else the service holds the model: it is asked
+            check_model_folder(self.settings.model)
         where = self.settings.inference_url or self.settings.backend
         key = model_check_key(run_id, self.settings.model, where)
         if self.store.exists(key):
@@ -180,8 +219,9 @@ class Run:
                 for chunk in plan.chunks:  # join-score redoes only what is damaged or missing
                     self.run_stage(JOIN_SCORE, chunk)
                 path = write_scored_csv(plan, self.store, self.settings, output)
+            # in finalize's time: on an int8 run, its fp32 sample is a visible share of a run
+            bound = measure_error_bound(plan.chunks, self.store, self.settings)
         report = report_path(path)
-        bound = measure_error_bound(plan.chunks, self.store, self.settings)
         if self.results is not None:
             if bound is not None:
                 self.results.record_error_bound(plan.run_id, bound.pairs, bound.largest,
@@ -195,13 +235,16 @@ class Run:
         remove_debris(self.store)  # what earlier, killed attempts left: a clean exit leaves none
         return Finished(plan.run_id, path, report, plan.rows, bound)
 
-    def fail(self, run_id: str, failure: str | None = None) -> None:
-        """Mark the run failed, with its one sentence. When the failure is the database's own,
-        remember it in the store instead: the next run that reaches the database marks it
+    def fail(self, run_id: str, failure: str | None = None, source: str | None = None) -> None:
+        """Mark the run failed, with its one sentence; with ``source``, a run refused before
+        its plan opened it gets its row too. When the failure is the database's own, remember
+        it in the store instead: the next run that reaches the database marks it
         (``mark_pending_failures``)."""
         if self.results is None:
             return
         try:
+            if source is not None:
+                self.results.open_run_if_absent(run_id, source, self.settings.model, 0)
             self.results.finish_run(run_id, "failed", failure=failure)
         except (UserError, sa.exc.SQLAlchemyError):
             with contextlib.suppress(UserError, OSError):
@@ -243,9 +286,10 @@ class Run:
         """Record the kept timings; when the run finishes (``final``) and the database still
         does not take them, say once that the report lacks them: the scores are whole."""
         try:
-            while self.unrecorded:
-                self.results.record_stage(*self.unrecorded[0])  # type: ignore[union-attr]
-                self.unrecorded.pop(0)
+            with self.recording:
+                while self.unrecorded:
+                    self.results.record_stage(*self.unrecorded[0])  # type: ignore[union-attr]
+                    self.unrecorded.pop(0)
         except (UserError, sa.exc.SQLAlchemyError) as error:
             log.debug("Stage timing not recorded yet: %s", str(error).splitlines()[0])
             if final:

@@ -26,7 +26,7 @@ from sim_pipeline.stages.embed.model import release_encoders
 from sim_pipeline.stages.fetch.chunk import fetch_processes
 from sim_pipeline.stages.fetch.records import FetchStats
 from sim_pipeline.stages.finalize import default_output_path
-from sim_pipeline.stages.plan import RunPlan, check_input
+from sim_pipeline.stages.plan import RunPlan
 from sim_pipeline.stages.registry import CHUNK_STAGES
 from sim_pipeline.stages.score import ScoredChunk
 
@@ -131,9 +131,8 @@ def score_csv(source: str | Path, settings: Settings, output: str | Path | None 
     """
     started = time.monotonic()
     source = Path(source)
-    check_input(source, settings)
     run = Run.open(settings)
-    plan = run.plan(source, run_id=run_id)
+    plan = run.plan(source, run_id=run_id)  # a refused run is recorded failed
     summary = RunSummary(plan.run_id, Path(output or default_output_path(source)),
                          run.results.shown_url)  # type: ignore[union-attr]
     try:

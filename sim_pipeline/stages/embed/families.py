@@ -156,9 +156,10 @@ def checkpoint_fingerprint(name: str) -> str | None:
 
 
 def checked_family(name: str, backend: str, store: ObjectStore) -> str:
-    """The family's name once ``check_backend`` passed, remembered in ``store`` per checkpoint
-    fingerprint and backend: a later run of an unchanged local checkpoint is checked without
-    importing transformers or torch, so a fully cached run stays cheap."""
+    """The family's name once ``check_backend`` passed (for an ONNX run whose towers are
+    exported: once its input files read, ``_exported_clip``), remembered in ``store`` per
+    checkpoint fingerprint and backend: a later run of an unchanged local checkpoint is checked
+    without importing transformers or torch, so a fully cached run stays cheap."""
     fingerprint = checkpoint_fingerprint(name)
     key = f"model-checks/{fingerprint}-{backend}.json" if fingerprint else None
     if key is not None and store.exists(key):
@@ -166,7 +167,21 @@ def checked_family(name: str, backend: str, store: ObjectStore) -> str:
             return str(read_json(store, key)["family"])
         except (KeyError, IntegrityError, TypeError):
             pass  # damaged: check again and rewrite it
-    family = check_backend(name, backend).family.name
+    family = _exported_clip(name, backend, store) or check_backend(name, backend).family.name
     if key is not None:
         write_json(store, key, {"model": name, "backend": backend, "family": family})
     return family
+
+
+def _exported_clip(name: str, backend: str, store: ObjectStore) -> str | None:
+    """CLIP's name for an ONNX run whose towers are exported in ``store`` and whose inputs can
+    be read from the checkpoint's files (``plain_inputs.py``): that is all such a run needs, so
+    it is checked by reading them, without importing transformers. None otherwise."""
+    if backend == "torch":
+        return None
+    from sim_pipeline.stages.embed.onnx_backend import export_key
+    from sim_pipeline.stages.embed.plain_inputs import plain_inputs
+
+    if not all(store.exists(export_key(name, backend, tower)) for tower in ("image", "text")):
+        return None
+    return FAMILIES["clip"].name if plain_inputs(name) is not None else None

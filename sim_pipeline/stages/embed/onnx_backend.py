@@ -3,9 +3,11 @@
 Each tower is exported once from the loaded checkpoint (fp32, through torch's ONNX exporter),
 optionally quantised to dynamic int8 (per channel, matrix products only), and cached in the
 object store keyed by model and export settings; later runs and other workers load the cached
-file and never touch torch for inference. CLIP checkpoints only (``families.check_backend``
-refuses others in one sentence). Same interface as ``model.Encoder``: ``preprocess``,
-``encode_pixels``, ``encode_texts``.
+file and never touch torch for inference. Pixels and tokens come from the checkpoint's files
+(``plain_inputs.py``) where that is exact, so a run whose exports exist imports neither torch nor
+transformers; else from transformers' processor. CLIP checkpoints only
+(``families.check_backend`` refuses others in one sentence). Same interface as
+``model.Encoder``: ``preprocess``, ``encode_pixels``, ``encode_texts``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from sim_pipeline.core.layout import model_tag
 from sim_pipeline.core.store import S3Options, open_store
 from sim_pipeline.stages.embed.families import check_backend
 from sim_pipeline.stages.embed.pixels import pixel_values_function
+from sim_pipeline.stages.embed.plain_inputs import plain_inputs
 
 if TYPE_CHECKING:
     from PIL import Image
 
+Pixels = Callable[[Iterable["Image.Image"]], Any]
+Tokens = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]  # (input_ids, attention_mask)
 EXPORT_VERSION = "opset17-v2"  # part of the cache key: change it when the export changes
 INPUTS = {"image": ("pixel_values",), "text": ("input_ids", "attention_mask")}
 
@@ -43,16 +48,12 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
 @dataclass
 class OnnxEncoder:
     session: Any
-    processor: Any
+    pixel_values: Pixels
+    tokens: Tokens
     tower: str
-    max_text_length: int
 
     def preprocess(self, images: Iterable[Image.Image]) -> np.ndarray:
         return self.pixel_values(images)
-
-    @functools.cached_property
-    def pixel_values(self) -> Callable[[Iterable[Image.Image]], np.ndarray]:
-        return pixel_values_function(self.processor)
 
     def encode_pixels(self, pixels: np.ndarray | dict[str, Any]) -> np.ndarray:
         values = pixels["pixel_values"] if isinstance(pixels, dict) else pixels
@@ -63,11 +64,8 @@ class OnnxEncoder:
         return self.encode_pixels(self.preprocess(images))
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        tokens = self.processor.tokenizer(texts, padding=True, truncation=True,
-                                          max_length=self.max_text_length, return_tensors="np")
-        (out,) = self.session.run(None, {"input_ids": tokens["input_ids"].astype(np.int64),
-                                         "attention_mask": tokens["attention_mask"]
-                                         .astype(np.int64)})
+        ids, mask = self.tokens(texts)
+        (out,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
         return _normalise(out.astype(np.float32))
 
 
@@ -137,7 +135,7 @@ def load_onnx_encoder(model_name: str, backend: str, tower: str, store_location:
     except ImportError:
         raise UserError("SIM_PIPELINE_BACKEND=onnx needs onnxruntime: pip install "
                         "'sim-pipeline[onnx]'.") from None
-    resolved = check_backend(model_name, backend)
+    pixel_values, tokens = _inputs(model_name, backend)  # refuses a non-CLIP checkpoint first
     store = open_store(store_location, s3)
     key = export_key(model_name, backend, tower)
     if not store.exists(key):
@@ -151,4 +149,21 @@ def load_onnx_encoder(model_name: str, backend: str, tower: str, store_location:
     options.intra_op_num_threads = os.cpu_count() or 1
     session = onnxruntime.InferenceSession(store.read_bytes(key), options,
                                            providers=["CPUExecutionProvider"])
-    return OnnxEncoder(session, resolved.processor, tower, resolved.text_length)
+    return OnnxEncoder(session, pixel_values, tokens, tower)
+
+
+def _inputs(model_name: str, backend: str) -> tuple[Pixels, Tokens]:
+    """The pixel and token functions: read from the checkpoint's files where that is exact,
+    else transformers' processor (``check_backend`` then also refuses a non-CLIP checkpoint)."""
+    plain = plain_inputs(model_name)
+    if plain is not None:
+        return plain.pixels, plain.tokens
+    resolved = check_backend(model_name, backend)
+    tokenizer, length = resolved.processor.tokenizer, resolved.text_length
+
+    def tokens(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        made = tokenizer(texts, padding=True, truncation=True, max_length=length,
+                         return_tensors="np")
+        return (made["input_ids"].astype(np.int64), made["attention_mask"].astype(np.int64))
+
+    return pixel_values_function(resolved.processor), tokens
