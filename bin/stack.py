@@ -172,7 +172,8 @@ def stack_environment(cfg: StackConfig, base: Mapping[str, str]) -> dict[str, st
     Short heartbeat and queue timeouts so a task whose worker was killed is failed and retried
     within a minute or two instead of Airflow's default five (heartbeat) and ten (queued)
     minutes: a killed worker's running tasks stop heartbeating, and the ones it had reserved
-    stay unacknowledged in Redis until the queued timeout sends them again.
+    stay unacknowledged in Redis until the queued timeout sends them again. ``speed_settings``
+    cut what each task costs Airflow.
     """
     url = make_url(cfg.database_url(cfg.results_db))
     results = {"conn_type": "postgres", "host": url.host, "port": url.port,
@@ -197,6 +198,7 @@ def stack_environment(cfg: StackConfig, base: Mapping[str, str]) -> dict[str, st
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "90",
         "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "15",
+        **speed_settings(),
         "AIRFLOW_CONN_SIM_PIPELINE_RESULTS": json.dumps(results),
         "AIRFLOW_CONN_SIM_PIPELINE_STORE": json.dumps(store),
         # The connection's database, for `sim-pipeline results ...` in the same environment.
@@ -206,6 +208,26 @@ def stack_environment(cfg: StackConfig, base: Mapping[str, str]) -> dict[str, st
         "SIM_PIPELINE_INFERENCE_QUEUE": INFERENCE_QUEUE,
         "SIM_PIPELINE_RETRY_DELAY_SECONDS": base.get("SIM_PIPELINE_RETRY_DELAY_SECONDS") or "5",
         "SIM_PIPELINE_SCHEDULE": schedule(base),
+    }
+
+
+def speed_settings() -> dict[str, str]:
+    """What each task costs Airflow, cut (measured with ``bench/airflow.py``'s timeline; see
+    docs/performance.md).
+
+    - ``MIN_HEARTBEAT_INTERVAL`` 1 s (default 5): a task's supervisor waits in ``select`` for
+      up to this long between checks of its task process, and when the process's sockets close
+      just before it exits, the last wait runs out in full: 33 of 82 tasks held their worker
+      slot 5 s past their end. Costs one heartbeat request a second per running task.
+    - ``CELERY_CONFIG_OPTIONS``: the workers import the library once, at start
+      (``sim_airflow.celery_config``), so no task process imports it again.
+    - ``MIN_FILE_PROCESS_INTERVAL`` 120 s (default 30): the dag-processor re-parses the DAG
+      files less often while runs use the CPUs; a changed DAG file shows within two minutes.
+    """
+    return {
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
+        "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "sim_airflow.celery_config.CELERY_CONFIG",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "120",
     }
 
 

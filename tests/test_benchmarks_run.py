@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
      "cpu onnx-int8: embed stage"),
     ("bench.end_to_end", ["--pairs", "12", "--images", "8"], "cold / bare compute"),
     ("bench.airflow", ["--pairs", "200", "--images", "20", "--chunk-sizes", "100"],
-     "airflow / cli"),
+     "critical path"),  # printed after "airflow / cli", with where the run's time went
     ("bench.cache", ["--pairs", "20", "--images", "20"], "second / first inference time"),
     ("bench.memory", ["--small", "20", "--large", "60", "--images", "5"], "large / small"),
     ("bench.hostile_images", ["--counts", "1", "3", "--side", "1500"], "most / fewest images"),
