@@ -30,7 +30,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import Any, BinaryIO, NamedTuple, TextIO
 
 import numpy as np
 import pyarrow as pa
@@ -435,6 +435,11 @@ class CountedText:
     def __exit__(self, *_: object) -> None:
         self.handle.close()
 
+    @classmethod
+    def over(cls, raw: BinaryIO) -> CountedText:
+        """The counting text handle over a binary file, decoded as ``read_rows`` decodes it."""
+        return cls(io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline=""))
+
 
 def rows_from(path: Path, offset: int, first_row: int, spill: Spill | None = None
               ) -> tuple[Iterator[CsvRow], CountedText]:
@@ -444,8 +449,7 @@ def rows_from(path: Path, offset: int, first_row: int, spill: Spill | None = Non
     delimiter = delimiter_for(path)
     raw = path.open("rb")
     raw.seek(offset)
-    handle = CountedText(io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape",
-                                          newline=""))
+    handle = CountedText.over(raw)
     lines = RowLines(handle, delimiter)  # type: ignore[arg-type]
     lines.row = first_row - 1
     lines.next_row()
@@ -534,8 +538,7 @@ def _data_start(path: Path) -> int:
     with path.open("rb") as raw:
         bom = len(codecs.BOM_UTF8) if raw.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
         raw.seek(bom)
-        handle = CountedText(io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape",
-                                              newline=""))
+        handle = CountedText.over(raw)
         next(csv.reader(RowLines(handle, delimiter), delimiter=delimiter))  # type: ignore[arg-type]
         return bom + handle.bytes
 
