@@ -25,7 +25,7 @@ from sim_pipeline.core.store import S3Options, open_store, read_json
 from sim_pipeline.runners.pipeline import score_csv
 from sim_pipeline.spark.executor import MODEL_LOADS_PREFIX
 from sim_pipeline.spark.job import run_spark_job
-from sim_pipeline.spark.session import NO_JAVA, java_problem
+from sim_pipeline.spark.session import NO_JAVA, QUICK_JVM, java_problem, spark_session
 from tests.conftest import ImageServer, Route, make_image
 from tests.pairs import mixed_cases, read_csv, write_cases
 from tests.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedFS
@@ -41,16 +41,12 @@ def spark() -> Iterator[object]:
     problem = java_problem()
     if problem:
         pytest.fail(problem, pytrace=False)
-    from pyspark.sql import SparkSession
-
     for name, value in (("SPARK_LOCAL_IP", "127.0.0.1"), ("PYSPARK_PYTHON", sys.executable),
                         ("PYSPARK_DRIVER_PYTHON", sys.executable)):
         os.environ[name] = value
-    session = (SparkSession.builder.master(MASTER).appName("sim-pipeline-tests")
-               .config("spark.driver.host", "127.0.0.1")
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(BATCH_ROWS))
-               .config("spark.ui.enabled", "false")
-               .getOrCreate())
+    session = spark_session(MASTER, "sim-pipeline-tests", {
+        "spark.driver.host": "127.0.0.1",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(BATCH_ROWS)})
     try:
         yield session
     finally:
@@ -333,6 +329,19 @@ def test_a_missing_or_non_text_column_is_refused_before_any_job(
     with pytest.raises(UserError, match=r"^Column 'caption' holds int values, not text;"):
         score_frame(frame, settings=settings)
     assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before
+
+
+def test_a_local_clusters_jvms_start_with_the_quick_options(spark) -> None:
+    """The driver and both executor JVMs run C1 only with the serial collector, and no web UI
+    is served: a local master's JVMs live for one command."""
+    java = [p for p in psutil.Process().children(recursive=True)
+            if p.name().startswith("java")]
+    executors = [p for p in java if "CoarseGrainedExecutorBackend" in " ".join(p.cmdline())]
+    drivers = [p for p in java if "SparkSubmit" in " ".join(p.cmdline())]
+    assert len(executors) == 2 and len(drivers) == 1, [p.cmdline() for p in java]
+    for process in [*executors, *drivers]:
+        assert set(QUICK_JVM.split()) <= set(process.cmdline()), process.cmdline()
+    assert spark.sparkContext.uiWebUrl is None
 
 
 def test_a_missing_java_runtime_is_named_in_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
