@@ -30,7 +30,10 @@ def cmd_spark(args: argparse.Namespace) -> int:
     check_local_input(args.input)
     check_model_soon(settings)  # while the cluster starts
     spark = spark_session(args.master)
-    summary = run_spark_job(spark, args.input, args.output, settings, record=args.record,
-                            run_id=run_id_given(args.run_id))
+    try:
+        summary = run_spark_job(spark, args.input, args.output, settings, record=args.record,
+                                run_id=run_id_given(args.run_id))
+    finally:  # the application ends with the command, not in the JVM's exit behind the prompt
+        spark.stop()
     print(summary.render())
     return 0
