@@ -7,6 +7,7 @@ variables, so the settings must reach them as data.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -329,6 +330,26 @@ def test_a_missing_or_non_text_column_is_refused_before_any_job(
     with pytest.raises(UserError, match=r"^Column 'caption' holds int values, not text;"):
         score_frame(frame, settings=settings)
     assert len(spark.sparkContext.statusTracker().getJobIdsForGroup()) == jobs_before
+
+
+def test_a_model_that_cannot_be_scored_is_refused_by_the_executors_before_any_download(
+        spark, settings: Settings, image_server: ImageServer, tmp_path: Path) -> None:
+    """The executors check the model in the warm-up job, where it will load; the driver does
+    not resolve it, and no image is requested."""
+    from sim_pipeline.spark import score_frame
+    from sim_pipeline.stages.embed.families import resolve_model
+
+    folder = tmp_path / "a-bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    url = image_server.add("/spark-bad-model/a.jpg", Route(body=make_image(seed=5)))
+    frame = spark.createDataFrame([(url, "a caption")], "url string, caption string")
+    resolved_here = resolve_model.cache_info().misses
+    with pytest.raises(UserError, match=rf"^The model '{folder}' is a bert checkpoint; "
+                                        "sim-pipeline scores with the CLIP"):
+        score_frame(frame, settings=settings.replace(model=str(folder)))
+    assert resolve_model.cache_info().misses == resolved_here  # not on the driver
+    assert image_server.requests["/spark-bad-model/a.jpg"] == 0
 
 
 def test_a_local_clusters_jvms_start_with_the_quick_options(spark) -> None:

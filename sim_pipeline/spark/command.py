@@ -22,13 +22,14 @@ def register(commands: argparse._SubParsersAction, flags: argparse.ArgumentParse
 def cmd_spark(args: argparse.Namespace) -> int:
     from sim_pipeline.cli import settings_from
     from sim_pipeline.core.config import run_id_given
-    from sim_pipeline.spark.frame import check_model_soon
+    from sim_pipeline.runners.lifecycle import check_model_folder
     from sim_pipeline.spark.job import check_local_input, run_spark_job
     from sim_pipeline.spark.session import spark_session
 
     settings = settings_from(args)
     check_local_input(args.input)
-    check_model_soon(settings)  # while the cluster starts
+    if not settings.inference_url:  # a model folder that is not there: before Spark starts
+        check_model_folder(settings.model)
     spark = spark_session(args.master)
     try:
         summary = run_spark_job(spark, args.input, args.output, settings, record=args.record,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from sim_pipeline.core.config import Settings
+from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import FETCH_IMAGES, sha256_hex
 from sim_pipeline.core.store import write_json
 from sim_pipeline.results.db import ResultsDB
@@ -251,13 +252,30 @@ def _worker(settings: Settings) -> Worker:
 
 
 def warm_batches(settings: Settings, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """``mapInPandas`` body of the warm-up job: the Python worker that runs it is created (and
-    starts loading the model) and goes back to Spark's pool of idle workers, where the scoring
-    job's task finds it (``spark.python.worker.reuse``)."""
+    """``mapInPandas`` body of the warm-up job: one row, the model check's sentence (null when
+    the model can be scored). The Python worker that runs it starts loading the model and goes
+    back to Spark's pool of idle workers, where the scoring job's task finds it
+    (``spark.python.worker.reuse``)."""
+    import pandas as pd
+
+    problem = model_problem(settings)  # imports what the load needs, before it starts
     _worker(settings)
     for _ in batches:
         pass
-    return iter(())
+    return iter([pd.DataFrame({"problem": [problem]})])
+
+
+def model_problem(settings: Settings) -> str | None:
+    """Why this worker cannot score with ``settings.model`` (the CLI's check), or None."""
+    if settings.inference_url:
+        return None
+    from sim_pipeline.stages.embed.families import check_backend
+
+    try:
+        check_backend(settings.model, settings.backend)
+    except UserError as error:
+        return str(error)
+    return None
 
 
 def _task_cpus() -> int:

@@ -8,7 +8,6 @@ through ``mapInPandas``. The settings travel with the tasks as data.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -32,8 +31,8 @@ from sim_pipeline.stages.plan import find_column
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-_WARMED: set[tuple[str, Settings]] = set()  # (application, settings) warmed up already
-_MODEL_CHECKS: dict[tuple[str, str], Future[None]] = {}  # (model, backend): checked or checking
+# (application, settings): the warm-up job's answer to the model check, once per application
+_WARM_UPS: dict[tuple[str, Settings], Future[str | None]] = {}
 
 
 @dataclass(frozen=True)
@@ -63,8 +62,7 @@ def score_frame(df: DataFrame, url_col: str = "url", caption_col: str = "caption
     _check_free(columns)
     if record and not run_id:
         raise UserError("Recording results needs a run id: pass run_id (--run-id).")
-    _check_model(settings)
-    warm_executors(df.sparkSession, settings)
+    _check_model(df.sparkSession, settings)
     numbered, rows = _numbered(df)
     source = source or FrameSource("a Spark DataFrame")
     job = ScoringJob(settings, tuple(columns), url_col, caption_col,
@@ -77,22 +75,31 @@ def score_frame(df: DataFrame, url_col: str = "url", caption_col: str = "caption
     return numbered.mapInPandas(partial(score_batches, job), schema)
 
 
-def warm_executors(spark: SparkSession, settings: Settings) -> None:
-    """A job of one tiny task per core, in the background: each executor's Python worker starts
-    loading the model now, while the driver numbers and spreads the rows, and the scoring job
-    reuses that worker. A warm-up that fails costs nothing: the scoring job loads the model."""
+def warm_executors(spark: SparkSession, settings: Settings) -> Future[str | None]:
+    """A job of one tiny task per core, in the background: each executor's Python worker checks
+    the model as the CLI does (config and processor, no weights) and starts loading it, while
+    the driver reads the input; the scoring job reuses that worker. The answer: the check's
+    sentence, None when the model can be scored; it fails when the job could not run."""
     context = spark.sparkContext
-    if (context.applicationId, settings) in _WARMED:
-        return
-    _WARMED.add((context.applicationId, settings))
+    key = (context.applicationId, settings)
+    if key in _WARM_UPS:
+        return _WARM_UPS[key]
+    answer: Future[str | None] = Future()
+    _WARM_UPS[key] = answer
     slots = context.defaultParallelism
-    warm = spark.range(0, slots, 1, slots).mapInPandas(partial(warm_batches, settings), "id long")
+    warm = spark.range(0, slots, 1, slots).mapInPandas(partial(warm_batches, settings),
+                                                       "problem string")
 
     def run() -> None:
-        with contextlib.suppress(Exception):
-            warm.collect()
+        try:
+            problems = [row.problem for row in warm.collect() if row.problem]
+        except Exception as error:  # noqa: BLE001 - handed to the caller of result()
+            answer.set_exception(error)
+        else:
+            answer.set_result(problems[0] if problems else None)
 
     threading.Thread(target=run, name="sim-pipeline-warm-up", daemon=True).start()
+    return answer
 
 
 def finish_run(settings: Settings, run_id: str, succeeded: bool) -> None:
@@ -101,36 +108,23 @@ def finish_run(settings: Settings, run_id: str, succeeded: bool) -> None:
         run_id, "succeeded" if succeeded else "failed")
 
 
-def check_model_soon(settings: Settings) -> None:
-    """Start checking the model in a thread (importing torch and transformers takes seconds),
-    so the check overlaps the cluster's start; ``score_frame`` waits for its answer."""
-    key = (settings.model, settings.backend)
-    if settings.inference_url or key in _MODEL_CHECKS:
-        return
-    check_model_folder(settings.model)  # a local folder that is not there: refused at once
-    answer: Future[None] = Future()
-    _MODEL_CHECKS[key] = answer
-
-    def check() -> None:
-        from sim_pipeline.stages.embed.families import check_backend
-
-        try:
-            check_backend(settings.model, settings.backend)
-        except BaseException as error:  # noqa: BLE001 - handed to the caller of result()
-            answer.set_exception(error)
-        else:
-            answer.set_result(None)
-
-    threading.Thread(target=check, name="sim-pipeline-model-check", daemon=True).start()
-
-
-def _check_model(settings: Settings) -> None:
-    """A model that cannot be scored stops here in one sentence, before the scoring job (its
-    config and processor are resolved, no weights loaded)."""
+def _check_model(spark: SparkSession, settings: Settings) -> None:
+    """A model that cannot be scored stops here in one sentence, before the scoring job. The
+    executors answer, from the warm-up job: they are where the model loads, and the driver
+    then imports neither torch nor transformers. Should the warm-up job fail, the driver
+    checks."""
     if settings.inference_url:
         return
-    check_model_soon(settings)
-    _MODEL_CHECKS[(settings.model, settings.backend)].result()
+    check_model_folder(settings.model)  # a local folder that is not there: refused at once
+    try:
+        problem = warm_executors(spark, settings).result()
+    except Exception:  # noqa: BLE001 - the cluster could not run it: check here instead
+        from sim_pipeline.stages.embed.families import check_backend
+
+        check_backend(settings.model, settings.backend)
+        return
+    if problem:
+        raise UserError(problem)
 
 
 def _column(columns: list[str], wanted: str, what: str) -> str:
