@@ -14,7 +14,7 @@ from pathlib import Path
 
 M_ARENA_MAX = -8
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 4 * 1024 * 1024
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's own ceiling for its moving threshold (64-bit)
 MADV_DONTNEED = 4
 
 
@@ -32,9 +32,11 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     """glibc gives each thread its own heap arena; decode and I/O threads would fragment memory
     into many. A couple of arenas keeps peak RSS down at no measurable cost in speed.
 
-    A fixed mmap threshold keeps large blocks (a decoded photo is 16 MB blocks of pixels) out of
-    the heap: glibc otherwise raises the threshold after the first large free, and every later
-    full-size image then stays resident after it is freed."""
+    A fixed mmap threshold of 32 MB: blocks that large (a photo near the pixel cap decodes to
+    ~150 MB) are mapped and go back to the OS when freed, while the model's activations (a few
+    MB to ~20 MB a batch) stay in the heap and are reused. A lower threshold (4 MB was tried)
+    maps and unmaps every activation, and page-faults its memory in anew on every layer: the
+    image tower ran 14-40% slower in `bench`-style runs of 800 images (bf16 and fp32)."""
     if libc := _glibc():
         libc.mallopt(M_ARENA_MAX, arenas)
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
