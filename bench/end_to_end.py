@@ -8,11 +8,13 @@ on ready pixel tensors plus the text tower on the distinct captions, at the prec
 the run used. Goals: cold <= 1.1x bare compute; warm (every vector cached, a new run id) <= 5% of
 cold, importing neither torch nor transformers. Random ViT-B/32 weights: speed only.
 ``--precision fp32`` forces fp32 on the run and the bare compute alike: on a CPU with bf16 it
-stands in for one without (where ``auto`` picks fp32).
+stands in for one without (where ``auto`` picks fp32). ``--repeat N`` adds rounds of cold, warm
+and bare compute (fresh store and database each) and prints the medians of the two ratios: one
+round on a shared machine moves by 10% and more.
 
     .venv/bin/python -m bench.end_to_end [--pairs 1000] [--images 800] [--skip-baseline]
                                          [--backend torch|onnx|onnx-int8]
-                                         [--precision auto|fp32|bf16]
+                                         [--precision auto|fp32|bf16] [--repeat N]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import csv
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -116,6 +119,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="the run's and the bare compute's (torch backend)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of cold, warm and bare compute; prints each and the medians")
     args = parser.parse_args()
 
     model = str(vit_b32_checkpoint())
@@ -147,8 +152,16 @@ def main() -> None:
         results["baseline (seed design, fp32)"] = timed_run(baseline, env, RSS_PROBE)
     results["sim-pipeline cold"] = timed_run([*cli, "--run-id", "cold"], env, CLI_PROBE)
     results["sim-pipeline warm"] = timed_run([*cli, "--run-id", "warm"], env, CLI_PROBE)
-    server.shutdown()
     bare, detail = bare_compute(model, source, args.backend, args.batch_size, args.precision)
+    rounds = [(results["sim-pipeline cold"][0], results["sim-pipeline warm"][0], bare)]
+    for round_ in range(2, args.repeat + 1):  # fresh store and database, same files
+        fresh = {**env, "SIM_PIPELINE_STORE": str(work / f"store-{round_}"),
+                 "SIM_PIPELINE_DATABASE_URL": f"sqlite:///{work / f'results-{round_}.db'}"}
+        rounds.append((timed_run([*cli, "--run-id", "cold"], fresh, CLI_PROBE)[0],
+                       timed_run([*cli, "--run-id", "warm"], fresh, CLI_PROBE)[0],
+                       bare_compute(model, source, args.backend, args.batch_size,
+                                    args.precision)[0]))
+    server.shutdown()
 
     for name, (seconds, rss, _) in results.items():
         print(f"{name:30s} {seconds:7.1f} s {args.pairs / seconds:8.1f} pairs/s "
@@ -167,8 +180,19 @@ def main() -> None:
           f"{warm_imports}")
     for line in results["sim-pipeline cold"][2].splitlines()[1:]:
         print(f"cold run's {line}")
+    if len(rounds) > 1:
+        print_rounds(rounds)
     print(f"at the end: {load_average()}")
 
+
+def print_rounds(rounds: list[tuple[float, float, float]]) -> None:
+    """Each round's cold, warm and bare seconds, and the medians of the two ratios."""
+    for number, (cold, warm, bare) in enumerate(rounds, 1):
+        print(f"round {number}: cold {cold:.1f} s, warm {warm:.1f} s, bare {bare:.1f} s: "
+              f"cold / bare x{cold / bare:.2f}, warm / cold {warm / cold:.1%}")
+    print(f"over {len(rounds)} rounds: cold / bare median "
+          f"x{statistics.median(c / b for c, _, b in rounds):.2f} (goal <= x1.10), warm / cold "
+          f"median {statistics.median(w / c for c, w, _ in rounds):.1%} (goal <= 5%)")
 
 if __name__ == "__main__":
     main()
