@@ -194,5 +194,6 @@ def print_rounds(rounds: list[tuple[float, float, float]]) -> None:
           f"x{statistics.median(c / b for c, _, b in rounds):.2f} (goal <= x1.10), warm / cold "
           f"median {statistics.median(w / c for c, w, _ in rounds):.1%} (goal <= 5%)")
 
+
 if __name__ == "__main__":
     main()
