@@ -55,7 +55,10 @@ class Origin:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         handler = _handler(self, "HTTP/1.1" if keep_alive else "HTTP/1.0")
         self.connections = 0
-        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
+        # a listen backlog of 128, not socketserver's 5: parallel downloads are not dropped
+        # into TCP's 1 s retransmit wait
+        server_class = type("Server", (ThreadingHTTPServer,),
+                            {"address_family": family, "request_queue_size": 128})
         self.httpd = server_class((host, 0), handler)
         self.httpd.daemon_threads = True
         self.host, self.port = host, self.httpd.server_address[1]

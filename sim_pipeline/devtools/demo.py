@@ -105,16 +105,23 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class DemoServer(ThreadingHTTPServer):
+    """A listen backlog of 128, not socketserver's 5, which drops connection attempts when a
+    dozen downloads start at once (each then waits out TCP's 1 s retransmit)."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+
 @contextmanager
 def serve(folder: Path, port: int) -> Iterator[int]:
     """Serve ``folder`` on 127.0.0.1 from a thread; yields the port actually bound."""
     handler = functools.partial(QuietHandler, directory=str(folder))
     try:
-        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        server = DemoServer(("127.0.0.1", port), handler)
     except OSError as error:
         raise SystemExit(f"demo: port {port} on 127.0.0.1 is taken ({error.strerror}): "
                          "pass --port with a free one, or --port 0 for any") from None
-    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

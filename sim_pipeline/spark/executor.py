@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,13 @@ from sim_pipeline.core.layout import FETCH_IMAGES, sha256_hex
 from sim_pipeline.core.store import write_json
 from sim_pipeline.results.db import ResultsDB
 from sim_pipeline.runners.lifecycle import Run
-from sim_pipeline.stages.plan import CsvRow, InputRow, normalise_csv_rows, write_chunks
+from sim_pipeline.stages.plan import (
+    ChunkRef,
+    CsvRow,
+    InputRow,
+    normalise_csv_rows,
+    write_chunks,
+)
 from sim_pipeline.stages.registry import CHUNK_STAGES
 from sim_pipeline.stages.score import ScoredRow, table_row
 
@@ -47,6 +54,9 @@ MODEL_LOADS_PREFIX = "spark/model-loads"
 MAX_NOTED_BATCHES = 100  # a long-lived worker notes its latest batches only
 UNDECODABLE = "\ufffd"  # what Spark's CSV reader puts where a byte was not UTF-8
 SURROGATE = "\udcff"  # how the CLI's reader sees such a byte: normalise_row repairs and flags it
+# rows per piece of a batch: the next piece downloads while this one embeds (a multiple of the
+# default batch size, so the towers see full batches)
+FETCH_AHEAD_ROWS = 128
 IMPORTED = time.time()  # when this Python worker first unpickled a task (its imports done)
 
 
@@ -85,20 +95,39 @@ def score_batches(job: ScoringJob, batches: Iterator[pd.DataFrame]) -> Iterator[
 
 def _score_chunk(worker: Worker, job: ScoringJob, rows: list[InputRow],
                  timing: BatchTiming) -> list[ScoredRow]:
+    """The batch in pieces of ``FETCH_AHEAD_ROWS``: the next piece's images download while
+    this one's are embedded, so only the first piece's downloads wait in front of the model."""
     if not rows:
         return []
     content = "\n".join(row.to_json() for row in rows)
     digest = sha256_hex(content)[:16]
     with timing.stage("plan"):
-        (chunk,) = write_chunks(worker.run.store, job.chunk_run_id, digest, rows, len(rows))
+        chunks = write_chunks(worker.run.store, job.chunk_run_id, digest, rows, FETCH_AHEAD_ROWS)
     scored: list[ScoredRow] = []
-    for stage in CHUNK_STAGES:
-        if stage != FETCH_IMAGES:
-            with timing.stage("wait for the model"):
-                worker.model_ready()
-        with timing.stage(stage):
-            scored = worker.run.run_stage(stage, chunk)
+    fetched = worker.fetch_ahead(chunks[0], timing)
+    for index, chunk in enumerate(chunks):
+        fetched.result()
+        if index + 1 < len(chunks):
+            fetched = worker.fetch_ahead(chunks[index + 1], timing)
+        try:
+            scored += _embed_and_score(worker, chunk, timing)
+        except BaseException:
+            fetched.cancel()
+            raise
     return scored
+
+
+def _embed_and_score(worker: Worker, chunk: ChunkRef, timing: BatchTiming) -> list[ScoredRow]:
+    """The stages after fetch-images on one fetched piece; the last one's rows."""
+    result: list[ScoredRow] = []
+    for stage in CHUNK_STAGES:
+        if stage == FETCH_IMAGES:
+            continue
+        with timing.stage("wait for the model"):
+            worker.model_ready()
+        with timing.stage(stage):
+            result = worker.run.run_stage(stage, chunk)
+    return result
 
 
 class BatchTiming:
@@ -175,6 +204,16 @@ class Worker:
         self.batches: dict[str, list[dict[str, Any]]] = {}  # by job (run id)
         self.model_loaded: tuple[float, float] | None = None  # (started, done), Unix times
         self._loading: threading.Thread | None = None
+        # one thread downloads, piece after piece, beside the towers (which release the GIL)
+        self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="fetch-ahead")
+
+    def fetch_ahead(self, chunk: ChunkRef, timing: BatchTiming) -> Future[Any]:
+        """fetch-images on ``chunk`` in the download thread."""
+        def fetch() -> Any:
+            with timing.stage(FETCH_IMAGES):
+                return self.run.run_stage(FETCH_IMAGES, chunk)
+
+        return self._fetcher.submit(fetch)
 
     def start_loading_model(self, cpus: int) -> None:
         """Load both towers in a thread of their own, now: the model loads while this worker

@@ -2,8 +2,8 @@
 
 The driver checks the columns (a missing or non-text column is refused in one sentence before
 any work), numbers the rows by their position in the frame, spreads them over the cluster when
-the frame has fewer partitions than cores, and hands each partition to ``executor.score_batches``
-through ``mapInPandas``. The settings travel with the tasks as data.
+the frame has fewer than a few partitions per core, and hands each partition to
+``executor.score_batches`` through ``mapInPandas``. The settings travel with the tasks as data.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ from sim_pipeline.stages.plan import find_column
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
+# A few tasks per core, not one: rows differ in cost (a cached image costs nothing), and with one
+# long task per core the cores that finish first wait for the last (bench.spark: the scoring
+# job 20-23 s with one task per core, 18-22 s with four).
+TASKS_PER_CORE = 4
 # (application, settings): the warm-up job's answer to the model check, once per application
 _WARM_UPS: dict[tuple[str, Settings], Future[str | None]] = {}
 
@@ -147,9 +151,10 @@ def _check_free(columns: list[str]) -> None:
 
 def _numbered(df: DataFrame) -> tuple[DataFrame, int]:
     """The frame with each row's position (0, 1, ...) as ``ROW_COLUMN``, and the row count; a
-    frame with fewer partitions than the cluster has cores is split by row ranges, in order."""
+    frame with fewer partitions than ``TASKS_PER_CORE`` per core is split by row ranges, in
+    order."""
     numbered, total = row_numbers.numbered(df, ROW_COLUMN)
-    cores = df.sparkSession.sparkContext.defaultParallelism
-    if df.rdd.getNumPartitions() < cores and total > 1:
-        numbered = row_numbers.spread(numbered, ROW_COLUMN, total, min(cores, total))
+    parts = df.sparkSession.sparkContext.defaultParallelism * TASKS_PER_CORE
+    if df.rdd.getNumPartitions() < parts and total > 1:
+        numbered = row_numbers.spread(numbered, ROW_COLUMN, total, min(parts, total))
     return numbered, total

@@ -130,7 +130,8 @@ def _counts(scored: DataFrame) -> tuple[int, int]:
 def _write_csv(scored: DataFrame, columns: list[str], output: str,
                delimiter: str) -> tuple[int, int]:
     """The CLI's scored CSV, one file: scored on the cluster in parallel (and kept), then
-    streamed to the driver a partition at a time in row order."""
+    streamed to the driver a partition at a time in row order (the next one's job running
+    while this one is written)."""
     from pyspark import StorageLevel
 
     kept = scored.persist(StorageLevel.MEMORY_AND_DISK)
@@ -138,7 +139,7 @@ def _write_csv(scored: DataFrame, columns: list[str], output: str,
         counts = _counts(kept)
         with scored_csv_writer(output, delimiter) as writer:
             writer.writerow(scored_header(columns))
-            for row in kept.toLocalIterator():
+            for row in kept.toLocalIterator(prefetchPartitions=True):
                 values = ["" if v is None else v if isinstance(v, str) else str(v)
                           for v in row[:len(columns)]]
                 writer.writerow(scored_fields(values, row["similarity"], row["error"]))
