@@ -13,7 +13,9 @@ each job and stage, each task's deserialisation, run and GC time) and from the n
 worker leaves in the store (its imports done, each batch's stages and the towers it loaded), all
 in seconds since the command was launched. ``--conf KEY=VALUE`` passes a Spark setting to the
 command (through ``PYSPARK_SUBMIT_ARGS``), ``--spark-only`` skips the CLI run, to try settings.
-Spark's event log is written only for ``--timeline``. ``--repeat N`` runs N rounds (CLI, then
+Spark's event log is written only for ``--timeline``. The first Spark command on a machine makes
+the JVMs' class-data archives (a few seconds more), later ones start from them: each round
+says which (``SIM_PIPELINE_JVM_ARCHIVES=off`` runs without). ``--repeat N`` runs N rounds (CLI, then
 Spark, fresh stores each) and prints every ratio and their median: one round on a shared
 machine moves by 10% and more.
 
@@ -39,6 +41,7 @@ from pathlib import Path
 from bench.common import served_pairs, vit_b32_checkpoint
 from sim_pipeline.core.store import open_store, read_json
 from sim_pipeline.spark.executor import MODEL_LOADS_PREFIX
+from sim_pipeline.spark.session import ARCHIVES_ENV, class_archives
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 RUN_ID = "bench-spark"
@@ -163,7 +166,8 @@ def main() -> None:
 
     model = str(vit_b32_checkpoint())
     server, base_url, work, source = served_pairs("spark", args.images, args.pairs)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIM_PIPELINE_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SIM_PIPELINE_") or k == ARCHIVES_ENV}
     env.update(SIM_PIPELINE_MODEL=model, HF_HUB_OFFLINE="1", SPARK_LOCAL_IP="127.0.0.1",
                SIM_PIPELINE_ALLOW_HOSTS=base_url.removeprefix("http://"),
                SIM_PIPELINE_DATABASE_URL=f"sqlite:///{work / 'results.db'}")
@@ -203,6 +207,9 @@ def one_round(args: argparse.Namespace, source: Path, work: Path,
         [program, "score", str(source), "-o", str(work / "cli.csv"), "--quiet",
          "--store", str(work / "cli-store")], env)[0]
     print(f"{load_line()} (after the CLI)")
+    archives = class_archives()
+    print("JVM class archives: " + ("off" if archives is None else "made by this run" if any(
+        archives.making(role) for role in ("driver", "executor")) else "used, from a run before"))
     spark, launched = timed([program, "spark", str(source), str(work / "spark.csv"),
                              "--master", args.master, "--run-id", RUN_ID,
                              "--store", str(work / "spark-store")], spark_env)

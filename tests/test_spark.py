@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -383,3 +384,84 @@ def test_the_command_refuses_a_missing_input_before_starting_spark(
     assert main(["spark", str(missing), str(tmp_path / "out.parquet")]) == 2
     assert capsys.readouterr().err == f"sim-pipeline: error: Input {missing} does not exist.\n"
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_a_batch_is_scored_in_pieces_the_next_downloading_beside_the_towers(
+        settings: Settings, image_server: ImageServer, tmp_path: Path) -> None:
+    """A batch of more than FETCH_AHEAD_BATCHES forward passes goes in pieces, the next
+    piece's images downloading while this one's embed: the rows are the CLI's, each image is
+    fetched once. (The executor's code, run here in-process, without Spark.)"""
+    import pandas as pd
+    import torch
+
+    from sim_pipeline.spark.executor import (
+        FETCH_AHEAD_BATCHES,
+        ROW_COLUMN,
+        ScoringJob,
+        score_batches,
+    )
+
+    cases = mixed_cases(image_server, prefix="ahead")
+    source = write_cases(tmp_path / "pairs.csv", cases)
+    cli = cli_output(settings, source, tmp_path)
+    header, *rows = read_csv(source)
+    frame = pd.DataFrame(rows, columns=header)
+    frame[ROW_COLUMN] = range(len(rows))
+    small = settings.replace(**LIMITS, batch_size=4, store=str(tmp_path / "ahead-store"))
+    job = ScoringJob(small, tuple(header), "Image_URL", "Caption", chunk_run_id="ahead")
+    good = {case.url.removeprefix(image_server.url("")) for case in cases
+            if case.expected_error is None and case.url.startswith(image_server.url("/"))}
+    before = {path: image_server.requests[path] for path in good}
+    threads = torch.get_num_threads()
+    try:
+        (scored,) = list(score_batches(job, iter([frame])))
+    finally:
+        torch.set_num_threads(threads)  # the worker gives torch its task's cores
+
+    similarity = ["" if pd.isna(value) else f"{value:.4f}" for value in scored["similarity"]]
+    errors = ["" if pd.isna(value) else value for value in scored["error"]]
+    assert [[*row, s, e] for row, s, e in zip(rows, similarity, errors, strict=True)] == cli[1:]
+    assert {path: image_server.requests[path] - before[path] for path in good} == \
+        dict.fromkeys(good, 1)
+    piece = FETCH_AHEAD_BATCHES * small.batch_size
+    assert chunk_count(small, "ahead") == -(-len(rows) // piece)
+    (note,) = model_load_notes(small, "ahead")
+    (batch,) = note["batches"]
+    fetches = [s for s in batch["stages"] if s["stage"] == "fetch-images"]
+    embeds = [s for s in batch["stages"] if s["stage"] == "embed-images"]
+    assert len(fetches) == len(embeds) == chunk_count(small, "ahead")
+    # the second piece's downloads started before the first piece's images were embedded
+    assert fetches[1]["start"] < embeds[0]["start"] + embeds[0]["seconds"]
+
+
+def test_the_command_makes_its_class_archives_once_then_starts_from_them(
+        settings: Settings, image_server: ImageServer, tmp_path: Path) -> None:
+    """The first ``sim-pipeline spark`` on a local master leaves one class-data archive for
+    the driver's JVM and one for the executors', whole (no pieces left); the next run starts
+    its JVMs from them and leaves them as they are, with the same output."""
+    source = write_cases(tmp_path / "pairs.csv", mixed_cases(image_server, "archives")[:6])
+    folder = tmp_path / "jvm"
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("SIM_PIPELINE_")}
+    env.update(SIM_PIPELINE_JVM_ARCHIVES=str(folder), SIM_PIPELINE_MODEL=settings.model,
+               SIM_PIPELINE_DEVICE="cpu", SIM_PIPELINE_PRECISION="fp32",
+               SIM_PIPELINE_ALLOW_HOSTS=image_server.allow_hosts,
+               SIM_PIPELINE_DATABASE_URL=f"sqlite:///{tmp_path / 'results.db'}",
+               SPARK_LOCAL_IP="127.0.0.1")
+
+    def run(name: str) -> list[list[str]]:
+        output = tmp_path / f"{name}.csv"
+        done = subprocess.run([sys.executable, "-m", "sim_pipeline.cli", "spark", str(source),
+                               str(output), "--master", MASTER, "--store",
+                               str(tmp_path / f"{name}-store")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "cds" not in done.stdout + done.stderr  # the JVMs' notes on archives kept quiet
+        return read_csv(output)
+
+    first = run("first")
+    made = {path.name: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+    assert set(made) == {"driver.jsa", "executor.jsa"}, made
+    assert run("second") == first
+    assert {path.name: path.stat().st_mtime_ns for path in folder.rglob("*")
+            if path.is_file()} == made

@@ -24,17 +24,18 @@ def cmd_spark(args: argparse.Namespace) -> int:
     from sim_pipeline.core.config import run_id_given
     from sim_pipeline.runners.lifecycle import check_model_folder
     from sim_pipeline.spark.job import check_local_input, run_spark_job
-    from sim_pipeline.spark.session import spark_session
+    from sim_pipeline.spark.session import class_archives, spark_session, stop_session
 
     settings = settings_from(args)
     check_local_input(args.input)
     if not settings.inference_url:  # a model folder that is not there: before Spark starts
         check_model_folder(settings.model)
-    spark = spark_session(args.master)
+    archives = class_archives() if (args.master or "").startswith("local") else None
+    spark = spark_session(args.master, archives=archives)
     try:
         summary = run_spark_job(spark, args.input, args.output, settings, record=args.record,
                                 run_id=run_id_given(args.run_id))
     finally:  # the application ends with the command, not in the JVM's exit behind the prompt
-        spark.stop()
+        stop_session(spark, archives)
     print(summary.render())
     return 0

@@ -54,9 +54,8 @@ MODEL_LOADS_PREFIX = "spark/model-loads"
 MAX_NOTED_BATCHES = 100  # a long-lived worker notes its latest batches only
 UNDECODABLE = "\ufffd"  # what Spark's CSV reader puts where a byte was not UTF-8
 SURROGATE = "\udcff"  # how the CLI's reader sees such a byte: normalise_row repairs and flags it
-# rows per piece of a batch: the next piece downloads while this one embeds (a multiple of the
-# default batch size, so the towers see full batches)
-FETCH_AHEAD_ROWS = 128
+# forward passes per piece of a batch: the next piece downloads while this one embeds
+FETCH_AHEAD_BATCHES = 2
 IMPORTED = time.time()  # when this Python worker first unpickled a task (its imports done)
 
 
@@ -95,14 +94,16 @@ def score_batches(job: ScoringJob, batches: Iterator[pd.DataFrame]) -> Iterator[
 
 def _score_chunk(worker: Worker, job: ScoringJob, rows: list[InputRow],
                  timing: BatchTiming) -> list[ScoredRow]:
-    """The batch in pieces of ``FETCH_AHEAD_ROWS``: the next piece's images download while
-    this one's are embedded, so only the first piece's downloads wait in front of the model."""
+    """The batch in pieces of ``FETCH_AHEAD_BATCHES`` forward passes: the next piece's images
+    download while this one's are embedded, so only the first piece's downloads wait in front
+    of the model."""
     if not rows:
         return []
     content = "\n".join(row.to_json() for row in rows)
     digest = sha256_hex(content)[:16]
     with timing.stage("plan"):
-        chunks = write_chunks(worker.run.store, job.chunk_run_id, digest, rows, FETCH_AHEAD_ROWS)
+        chunks = write_chunks(worker.run.store, job.chunk_run_id, digest, rows,
+                              FETCH_AHEAD_BATCHES * job.settings.batch_size)
     scored: list[ScoredRow] = []
     fetched = worker.fetch_ahead(chunks[0], timing)
     for index, chunk in enumerate(chunks):
@@ -194,7 +195,8 @@ def _text(value: Any) -> str:
 
 
 class Worker:
-    """What one Python worker keeps between batches: its run (store) and results database."""
+    """What one Python worker keeps between batches: its run (store), its model and results
+    database."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -203,27 +205,28 @@ class Worker:
         self.created = time.time()
         self.batches: dict[str, list[dict[str, Any]]] = {}  # by job (run id)
         self.model_loaded: tuple[float, float] | None = None  # (started, done), Unix times
-        self._loading: threading.Thread | None = None
+        self._problem: str | None = None
+        self._checked = threading.Event()
+        self._preparing: threading.Thread | None = None
         # one thread downloads, piece after piece, beside the towers (which release the GIL)
         self._fetcher = ThreadPoolExecutor(1, thread_name_prefix="fetch-ahead")
 
-    def fetch_ahead(self, chunk: ChunkRef, timing: BatchTiming) -> Future[Any]:
-        """fetch-images on ``chunk`` in the download thread."""
-        def fetch() -> Any:
-            with timing.stage(FETCH_IMAGES):
-                return self.run.run_stage(FETCH_IMAGES, chunk)
-
-        return self._fetcher.submit(fetch)
-
-    def start_loading_model(self, cpus: int) -> None:
-        """Load both towers in a thread of their own, now: the model loads while this worker
+    def prepare_model(self, cpus: int) -> None:
+        """Check the model as the CLI does, then load both towers, in a thread of its own, now:
+        the check runs while the driver reads the input, and the model loads while this worker
         waits for its first rows and downloads their images (waiting on the network, not the
         CPU), instead of after. It loads even when every vector turns out to be cached."""
-        if self.settings.inference_url:
-            return
-        self._loading = threading.Thread(target=self._load_model, args=(cpus,),
-                                         name="model-load", daemon=True)
-        self._loading.start()
+        self._preparing = threading.Thread(target=self._prepare, args=(cpus,),
+                                           name="model-check-and-load", daemon=True)
+        self._preparing.start()
+
+    def _prepare(self, cpus: int) -> None:
+        try:
+            self._problem = model_problem(self.settings)
+        finally:
+            self._checked.set()
+        if self._problem is None and not self.settings.inference_url:
+            self._load_model(cpus)
 
     def _load_model(self, cpus: int) -> None:
         from sim_pipeline.stages.embed.encoders import encoder_for
@@ -240,10 +243,23 @@ class Worker:
             pass  # reports what went wrong as it always does
         self.model_loaded = (started, time.time())
 
+    def model_problem(self) -> str | None:
+        """The model check's sentence (None when the model can be scored), once it is known."""
+        self._checked.wait()
+        return self._problem
+
     def model_ready(self) -> None:
-        """Wait for the loading thread, so no stage loads a tower beside it."""
-        if self._loading is not None:
-            self._loading.join()
+        """Wait for the check and the load, so no stage loads a tower beside them."""
+        if self._preparing is not None:
+            self._preparing.join()
+
+    def fetch_ahead(self, chunk: ChunkRef, timing: BatchTiming) -> Future[Any]:
+        """fetch-images on ``chunk`` in the download thread."""
+        def fetch() -> Any:
+            with timing.stage(FETCH_IMAGES):
+                return self.run.run_stage(FETCH_IMAGES, chunk)
+
+        return self._fetcher.submit(fetch)
 
     def results_db(self) -> ResultsDB:
         if self._results is None:
@@ -281,24 +297,32 @@ def _open_store(settings: Settings):  # noqa: ANN202 - an ObjectStore
 
 @functools.lru_cache(maxsize=2)
 def _worker(settings: Settings) -> Worker:
-    """One per Python worker and settings; it starts loading the model at once."""
+    """One per Python worker and settings; it starts checking and loading the model at once."""
     cpus = _task_cpus()
     if settings.fetch_processes == 0:  # Spark spreads the work; each task keeps to its cores
         settings = settings.replace(fetch_processes=cpus)
     worker = Worker(settings)
-    worker.start_loading_model(cpus)
+    worker.prepare_model(cpus)
     return worker
 
 
 def warm_batches(settings: Settings, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """``mapInPandas`` body of the warm-up job: one row, the model check's sentence (null when
-    the model can be scored). The Python worker that runs it starts loading the model and goes
-    back to Spark's pool of idle workers, where the scoring job's task finds it
-    (``spark.python.worker.reuse``)."""
+    """``mapInPandas`` body of the warm-up job: the Python worker that runs it starts checking
+    and loading the model in the background and goes back to Spark's pool of idle workers at
+    once, leaving the core to the driver's next jobs; the scoring job's task finds it there
+    (``spark.python.worker.reuse``). No rows."""
+    _worker(settings)
+    for _ in batches:
+        pass
+    return iter([])
+
+
+def check_batches(settings: Settings, batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """``mapInPandas`` body of the check job: one row, this worker's answer to the model check
+    (null when the model can be scored), waited for."""
     import pandas as pd
 
-    problem = model_problem(settings)  # imports what the load needs, before it starts
-    _worker(settings)
+    problem = _worker(settings).model_problem()
     for _ in batches:
         pass
     return iter([pd.DataFrame({"problem": [problem]})])

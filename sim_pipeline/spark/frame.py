@@ -23,6 +23,7 @@ from sim_pipeline.spark.executor import (
     CORRUPT_COLUMN,
     ROW_COLUMN,
     ScoringJob,
+    check_batches,
     score_batches,
     warm_batches,
 )
@@ -66,8 +67,11 @@ def score_frame(df: DataFrame, url_col: str = "url", caption_col: str = "caption
     _check_free(columns)
     if record and not run_id:
         raise UserError("Recording results needs a run id: pass run_id (--run-id).")
-    _check_model(df.sparkSession, settings)
+    if not settings.inference_url:  # a local folder that is not there: refused at once
+        check_model_folder(settings.model)
+    warm_executors(df.sparkSession, settings)  # the workers check the model while rows count
     numbered, rows = _numbered(df)
+    _check_model(df.sparkSession, settings)
     source = source or FrameSource("a Spark DataFrame")
     job = ScoringJob(settings, tuple(columns), url_col, caption_col,
                      chunk_run_id=run_id or "spark", record_run_id=run_id if record else None,
@@ -79,31 +83,46 @@ def score_frame(df: DataFrame, url_col: str = "url", caption_col: str = "caption
     return numbered.mapInPandas(partial(score_batches, job), schema)
 
 
-def warm_executors(spark: SparkSession, settings: Settings) -> Future[str | None]:
-    """A job of one tiny task per core, in the background: each executor's Python worker checks
-    the model as the CLI does (config and processor, no weights) and starts loading it, while
-    the driver reads the input; the scoring job reuses that worker. The answer: the check's
-    sentence, None when the model can be scored; it fails when the job could not run."""
+def warm_executors(spark: SparkSession, settings: Settings) -> Future[None]:
+    """A job of one tiny task per core, in the background: each executor starts its Python
+    worker, which checks the model as the CLI does (config and processor, no weights) and then
+    loads it, in a thread of its own, while the driver reads and numbers the input; the
+    scoring job reuses that worker. Done once the workers are started; it fails when the job
+    could not run."""
     context = spark.sparkContext
     key = (context.applicationId, settings)
     if key in _WARM_UPS:
         return _WARM_UPS[key]
-    answer: Future[str | None] = Future()
-    _WARM_UPS[key] = answer
-    slots = context.defaultParallelism
-    warm = spark.range(0, slots, 1, slots).mapInPandas(partial(warm_batches, settings),
-                                                       "problem string")
+    done: Future[None] = Future()
+    _WARM_UPS[key] = done
+    warm = _one_task_per_core(spark).mapInPandas(partial(warm_batches, settings),
+                                                 "problem string")
 
     def run() -> None:
         try:
-            problems = [row.problem for row in warm.collect() if row.problem]
+            warm.collect()
         except Exception as error:  # noqa: BLE001 - handed to the caller of result()
-            answer.set_exception(error)
+            done.set_exception(error)
         else:
-            answer.set_result(problems[0] if problems else None)
+            done.set_result(None)
 
     threading.Thread(target=run, name="sim-pipeline-warm-up", daemon=True).start()
-    return answer
+    return done
+
+
+def executors_model_problem(spark: SparkSession, settings: Settings) -> str | None:
+    """The executors' answer to the model check, from a job of one task per core that waits
+    for each Python worker's check: the first sentence, None when the model can be scored."""
+    warm_executors(spark, settings).result()
+    rows = _one_task_per_core(spark).mapInPandas(partial(check_batches, settings),
+                                                 "problem string").collect()
+    problems = [row.problem for row in rows if row.problem]
+    return problems[0] if problems else None
+
+
+def _one_task_per_core(spark: SparkSession) -> DataFrame:
+    slots = spark.sparkContext.defaultParallelism
+    return spark.range(0, slots, 1, slots)
 
 
 def finish_run(settings: Settings, run_id: str, succeeded: bool) -> None:
@@ -114,14 +133,12 @@ def finish_run(settings: Settings, run_id: str, succeeded: bool) -> None:
 
 def _check_model(spark: SparkSession, settings: Settings) -> None:
     """A model that cannot be scored stops here in one sentence, before the scoring job. The
-    executors answer, from the warm-up job: they are where the model loads, and the driver
-    then imports neither torch nor transformers. Should the warm-up job fail, the driver
-    checks."""
+    executors answer: they are where the model loads, and the driver then imports neither
+    torch nor transformers. Should their job fail, the driver checks."""
     if settings.inference_url:
         return
-    check_model_folder(settings.model)  # a local folder that is not there: refused at once
     try:
-        problem = warm_executors(spark, settings).result()
+        problem = executors_model_problem(spark, settings)
     except Exception:  # noqa: BLE001 - the cluster could not run it: check here instead
         from sim_pipeline.stages.embed.families import check_backend
 
