@@ -207,9 +207,9 @@ def one_round(args: argparse.Namespace, source: Path, work: Path,
         [program, "score", str(source), "-o", str(work / "cli.csv"), "--quiet",
          "--store", str(work / "cli-store")], env)[0]
     print(f"{load_line()} (after the CLI)")
-    archives = class_archives()
-    print("JVM class archives: " + ("off" if archives is None else "made by this run" if any(
-        archives.making(role) for role in ("driver", "executor")) else "used, from a run before"))
+    archives = class_archives(args.master)
+    print("JVM class archives: " + ("off" if archives is None else "made by this run"
+                                    if archives.making_any() else "used, from a run before"))
     spark, launched = timed([program, "spark", str(source), str(work / "spark.csv"),
                              "--master", args.master, "--run-id", RUN_ID,
                              "--store", str(work / "spark-store")], spark_env)

@@ -465,3 +465,28 @@ def test_the_command_makes_its_class_archives_once_then_starts_from_them(
     assert run("second") == first
     assert {path.name: path.stat().st_mtime_ns for path in folder.rglob("*")
             if path.is_file()} == made
+
+
+def test_class_archives_keep_the_whole_archive_each_jvm_role_made(tmp_path: Path) -> None:
+    """After the JVMs exit, each role's archive made by this run takes its place (of two
+    executors' the larger: one killed while writing leaves its short); another run's pieces
+    stay unless an hour old, and a role whose JVM wrote nothing makes one next time."""
+    from sim_pipeline.spark.session import ClassArchives
+
+    archives = ClassArchives(tmp_path, "run1")
+    assert "-XX:ArchiveClassesAtExit=" in archives.java_option("executor")
+    assert "{{EXECUTOR_ID}}" in archives.java_option("executor")
+    (tmp_path / "executor.run1.0.part").write_bytes(b"x" * 10)
+    (tmp_path / "executor.run1.1.part").write_bytes(b"x" * 30)
+    (tmp_path / "driver.run1.0.part").write_bytes(b"")
+    (tmp_path / "executor.run2.0.part").write_bytes(b"y")  # another run, writing now
+    (tmp_path / "driver.run0.0.part").write_bytes(b"z")  # one that stopped long ago
+    os.utime(tmp_path / "driver.run0.0.part", (time.time() - 7200, time.time() - 7200))
+
+    archives.keep()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["executor.jsa", "executor.run2.0.part"]
+    assert (tmp_path / "executor.jsa").read_bytes() == b"x" * 30
+    assert archives.making("driver") and not archives.making("executor")
+    assert archives.java_option("executor").endswith(
+        f"-XX:SharedArchiveFile={tmp_path / 'executor.jsa'}")

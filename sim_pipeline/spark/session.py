@@ -8,9 +8,10 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,25 +36,30 @@ ARCHIVES_ENV = "SIM_PIPELINE_JVM_ARCHIVES"  # a folder for the class-data archiv
 # the JVM's own notes on archives (one per signed jar skipped) would go to stdout
 QUIET_ARCHIVES = "-Xlog:cds=off -Xlog:cds+dynamic=off"
 GATEWAY_EXIT_SECONDS = 120  # writing the archive at exit takes seconds, not minutes
+STALE_PART_SECONDS = 3600  # no run writes its archives for an hour
 
 
 @dataclass(frozen=True)
 class ClassArchives:
     """Class-data archives (the JDK's AppCDS) for a local master's JVMs, one for the driver and
     one for the executors: the Spark and Scala classes they load, ready to map instead of
-    parsed and verified at every start, which on two cores saves about 2 s before the first
-    task (bench.spark). The first command on a machine makes them as its JVMs exit (named
+    parsed and verified at every start, which on two cores starts the first task about 4 s
+    sooner (bench.spark). The first command on a machine makes them as its JVMs exit (named
     for this run, then renamed into place); later ones use them. A JVM that cannot use an
     archive (another Java, a changed classpath) starts as without one."""
 
     folder: Path
     token: str  # this run's name for the archives it makes
+    roles: tuple[str, ...] = tuple(JAVA_OPTIONS)  # a local[N] master has no executor JVMs
 
     def path(self, role: str) -> Path:
         return self.folder / f"{role}.jsa"
 
     def making(self, role: str) -> bool:
         return not self.path(role).exists()
+
+    def making_any(self) -> bool:
+        return any(self.making(role) for role in self.roles)
 
     def java_option(self, role: str) -> str:
         if not self.making(role):
@@ -64,8 +70,12 @@ class ClassArchives:
 
     def keep(self) -> None:
         """Once the JVMs have exited: each role's archive made by this run into place (a JVM
-        killed while writing one leaves it short: the largest is kept), the rest removed."""
-        for role in JAVA_OPTIONS:
+        killed while writing one leaves it short: the largest is kept), the rest removed, and
+        pieces an interrupted run left more than an hour ago."""
+        for part in self.folder.glob("*.part"):
+            if time.time() - part.stat().st_mtime > STALE_PART_SECONDS:
+                part.unlink(missing_ok=True)
+        for role in self.roles:
             made = sorted(self.folder.glob(f"{role}.{self.token}.*.part"),
                           key=lambda part: part.stat().st_size)
             if made and made[-1].stat().st_size:
@@ -74,15 +84,22 @@ class ClassArchives:
                 part.unlink(missing_ok=True)
 
 
-def class_archives() -> ClassArchives | None:
-    """Where this Java, pyspark and environment keep their archives (None when turned off):
-    ``$SIM_PIPELINE_JVM_ARCHIVES``, else the user's cache folder."""
+def class_archives(master: str) -> ClassArchives | None:
+    """The archives of a local ``master``'s JVMs, where this Java, pyspark and environment keep
+    them: ``$SIM_PIPELINE_JVM_ARCHIVES``, else the user's cache folder. None for another master
+    or when turned off."""
+    if not master.startswith("local"):
+        return None
     setting = os.environ.get(ARCHIVES_ENV, "")
     if setting.lower() == "off":
         return None
+    try:
+        spark_version = version("pyspark")
+    except PackageNotFoundError:
+        return None  # spark_session says what to install
     java = Path(shutil.which("java", path=_java_path()) or "java").resolve()
     runtime = "|".join([str(java), str(java.stat().st_mtime_ns) if java.exists() else "",
-                        version("pyspark"), sys.prefix])
+                        spark_version, sys.prefix])
     base = Path(setting) if setting else Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sim-pipeline" / "jvm"
     folder = base / hashlib.sha256(runtime.encode()).hexdigest()[:16]
@@ -90,7 +107,8 @@ def class_archives() -> ClassArchives | None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None  # no archives beats no Spark
-    return ClassArchives(folder, secrets.token_hex(4))
+    roles = tuple(JAVA_OPTIONS) if master.startswith("local-cluster") else ("driver",)
+    return ClassArchives(folder, secrets.token_hex(4), roles)
 
 
 def _java_path() -> str | None:
@@ -139,7 +157,8 @@ def spark_session(master: str | None = None, app_name: str = "sim-pipeline",
 
 
 def _local_java_options(archives: ClassArchives | None) -> dict[str, str]:
-    return {key: QUICK_JVM + (f" {archives.java_option(role)}" if archives else "")
+    return {key: QUICK_JVM + (f" {archives.java_option(role)}"
+                              if archives and role in archives.roles else "")
             for role, key in JAVA_OPTIONS.items()}
 
 
@@ -149,7 +168,7 @@ def stop_session(spark: SparkSession, archives: ClassArchives | None = None) -> 
     it exits, and the archives are kept; the session cannot be used again then."""
     gateway = getattr(spark.sparkContext._gateway, "proc", None)  # noqa: SLF001 - its JVM
     spark.stop()
-    if archives is None or not any(archives.making(role) for role in JAVA_OPTIONS):
+    if archives is None or not archives.making_any():
         return
     if gateway is None or gateway.stdin is None:
         return
