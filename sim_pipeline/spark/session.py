@@ -37,6 +37,7 @@ ARCHIVES_ENV = "SIM_PIPELINE_JVM_ARCHIVES"  # a folder for the class-data archiv
 QUIET_ARCHIVES = "-Xlog:cds=off -Xlog:cds+dynamic=off"
 GATEWAY_EXIT_SECONDS = 120  # writing the archive at exit takes seconds, not minutes
 STALE_PART_SECONDS = 3600  # no run writes its archives for an hour
+MIN_FREE_BYTES = 2 << 30  # the archives take ~270 MB: never fill a nearly full disk with them
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,12 @@ def class_archives(master: str) -> ClassArchives | None:
     folder = base / hashlib.sha256(runtime.encode()).hexdigest()[:16]
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
     except OSError:
         return None  # no archives beats no Spark
     roles = tuple(JAVA_OPTIONS) if master.startswith("local-cluster") else ("driver",)
-    return ClassArchives(folder, secrets.token_hex(4), roles)
+    archives = ClassArchives(folder, secrets.token_hex(4), roles)
+    return None if archives.making_any() and free < MIN_FREE_BYTES else archives
 
 
 def _java_path() -> str | None:
