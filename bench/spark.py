@@ -39,9 +39,10 @@ import time
 from pathlib import Path
 
 from bench.common import served_pairs, vit_b32_checkpoint
+from sim_pipeline.core.config import load_settings
 from sim_pipeline.core.store import open_store, read_json
 from sim_pipeline.spark.executor import MODEL_LOADS_PREFIX
-from sim_pipeline.spark.session import ARCHIVES_ENV, class_archives
+from sim_pipeline.spark.session import class_archives
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 RUN_ID = "bench-spark"
@@ -167,7 +168,7 @@ def main() -> None:
     model = str(vit_b32_checkpoint())
     server, base_url, work, source = served_pairs("spark", args.images, args.pairs)
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SIM_PIPELINE_") or k == ARCHIVES_ENV}
+           if not k.startswith("SIM_PIPELINE_") or k == "SIM_PIPELINE_JVM_ARCHIVES"}
     env.update(SIM_PIPELINE_MODEL=model, HF_HUB_OFFLINE="1", SPARK_LOCAL_IP="127.0.0.1",
                SIM_PIPELINE_ALLOW_HOSTS=base_url.removeprefix("http://"),
                SIM_PIPELINE_DATABASE_URL=f"sqlite:///{work / 'results.db'}")
@@ -207,7 +208,7 @@ def one_round(args: argparse.Namespace, source: Path, work: Path,
         [program, "score", str(source), "-o", str(work / "cli.csv"), "--quiet",
          "--store", str(work / "cli-store")], env)[0]
     print(f"{load_line()} (after the CLI)")
-    archives = class_archives(args.master)
+    archives = class_archives(args.master, load_settings().jvm_archives)
     print("JVM class archives: " + ("off" if archives is None else "made by this run"
                                     if archives.making_any() else "used, from a run before"))
     spark, launched = timed([program, "spark", str(source), str(work / "spark.csv"),

@@ -68,6 +68,9 @@ class Settings:
                                  "model in-process")
     inference_api_key: str = setting("", "the service's API key, if it asks for one",
                                      repr=False)
+    # `sim-pipeline spark` with a local master: docs/spark.md.
+    jvm_archives: str = setting("", "folder for the class-data archives a local Spark master's "
+                                "JVMs start from (default: ~/.cache/sim-pipeline/jvm), or off")
     # Drift between runs (`results drift`, the report, the score_drift DAG): docs/results.md.
     canary_csv: str = setting("", "CSV of canary pairs scored with every run; a canary whose "
                               "score moves means the model or preprocessing changed")

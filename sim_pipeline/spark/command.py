@@ -30,7 +30,7 @@ def cmd_spark(args: argparse.Namespace) -> int:
     check_local_input(args.input)
     if not settings.inference_url:  # a model folder that is not there: before Spark starts
         check_model_folder(settings.model)
-    archives = class_archives(args.master or "")
+    archives = class_archives(args.master or "", settings.jvm_archives)
     spark = spark_session(args.master, archives=archives)
     try:
         summary = run_spark_job(spark, args.input, args.output, settings, record=args.record,

@@ -32,7 +32,6 @@ QUICK_JVM = "-XX:TieredStopAtLevel=1 -XX:CICompilerCount=1 -XX:+UseSerialGC"
 LOCAL_DEFAULTS = {"spark.ui.enabled": "false"}
 JAVA_OPTIONS = {"driver": "spark.driver.extraJavaOptions",
                 "executor": "spark.executor.extraJavaOptions"}
-ARCHIVES_ENV = "SIM_PIPELINE_JVM_ARCHIVES"  # a folder for the class-data archives, or "off"
 # the JVM's own notes on archives (one per signed jar skipped) would go to stdout
 QUIET_ARCHIVES = "-Xlog:cds=off -Xlog:cds+dynamic=off"
 GATEWAY_EXIT_SECONDS = 120  # writing the archive at exit takes seconds, not minutes
@@ -85,13 +84,12 @@ class ClassArchives:
                 part.unlink(missing_ok=True)
 
 
-def class_archives(master: str) -> ClassArchives | None:
+def class_archives(master: str, setting: str = "") -> ClassArchives | None:
     """The archives of a local ``master``'s JVMs, where this Java, pyspark and environment keep
-    them: ``$SIM_PIPELINE_JVM_ARCHIVES``, else the user's cache folder. None for another master
-    or when turned off."""
+    them: in ``setting`` (``Settings.jvm_archives``), else the user's cache folder. None for
+    another master or when turned ``off``."""
     if not master.startswith("local"):
         return None
-    setting = os.environ.get(ARCHIVES_ENV, "")
     if setting.lower() == "off":
         return None
     try:
@@ -101,7 +99,7 @@ def class_archives(master: str) -> ClassArchives | None:
     java = Path(shutil.which("java", path=_java_path()) or "java").resolve()
     runtime = "|".join([str(java), str(java.stat().st_mtime_ns) if java.exists() else "",
                         spark_version, sys.prefix])
-    base = Path(setting) if setting else Path(
+    base = Path(setting).expanduser() if setting else Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sim-pipeline" / "jvm"
     folder = base / hashlib.sha256(runtime.encode()).hexdigest()[:16]
     try:
