@@ -27,7 +27,13 @@ from sim_pipeline.core.config import Settings
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.devtools.random_model import build_random_clip
 from sim_pipeline.results.db import ResultsDB
-from sim_pipeline.results.drift import Scores, ks_test, measure_drift, psi
+from sim_pipeline.results.drift import (
+    Scores,
+    ks_test,
+    measure_drift,
+    normalised_wasserstein,
+    psi,
+)
 from sim_pipeline.runners.pipeline import score_csv
 from tests.conftest import ImageServer, Route
 from tests.pairs import serve_good_images
@@ -228,6 +234,17 @@ def test_large_runs_use_smirnovs_asymptotic_p_value_as_scipy_does(tmp_path: Path
     db = ResultsDB(f"sqlite:///{tmp_path / 'r.db'}")
     with pytest.raises(UserError, match="not in the results database"):
         measure_drift(db, "nope", "nope")
+
+
+@pytest.mark.parametrize("rows", [500, 12_000])  # ks_2samp's exact and asymptotic p-values
+def test_identical_runs_get_scipys_figures_without_scipy(rows: int) -> None:
+    rng = np.random.default_rng(5)
+    a = np.round(rng.uniform(0.3, 0.7, rows), 4)
+    same = Scores.of(Counter(np.round(a * 10_000).astype(int).tolist()))
+    again = Scores.of(Counter(np.round(a * 10_000).astype(int).tolist()))
+    expected = stats.ks_2samp(a, a.copy())
+    assert ks_test(same, again) == (expected.statistic, expected.pvalue) == (0.0, 1.0)
+    assert normalised_wasserstein(same, again) == stats.wasserstein_distance(a, a.copy()) == 0.0
 
 
 def test_thresholds_come_from_settings(

@@ -90,7 +90,8 @@ def test_known_pairs_cost_no_inference_in_a_later_file(
 def test_a_fully_cached_rerun_imports_neither_torch_nor_transformers(
         tmp_path: Path, settings: Settings, image_server: ImageServer) -> None:
     """With the default device and precision (``auto``): on a machine without a GPU the device
-    is known without torch, and the vectors' precision from the checkpoint's config.json."""
+    is known without torch, and the vectors' precision from the checkpoint's config.json. Nor
+    scipy: the new run's drift report compares two identical distributions."""
     settings = settings.replace(device="auto", precision="auto")
     urls = serve_good_images(image_server, 3, prefix="warm")
     source = write_cases(tmp_path / "pairs.csv", [Case(u, "a caption", None) for u in urls])
@@ -99,11 +100,12 @@ def test_a_fully_cached_rerun_imports_neither_torch_nor_transformers(
              settings.database_url, "--device", "auto", "--precision", "auto",
              "--allow-hosts", settings.allow_hosts, "--quiet"]
     probe = ("import sys; from sim_pipeline.cli import main; code = main(sys.argv[1:]); "
-             "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+             "print(code, 'torch' in sys.modules, 'transformers' in sys.modules, "
+             "'scipy' in sys.modules)")
     for run_id in ([], ["--run-id", "a-new-run"]):  # the same run again, and a new run
         done = subprocess.run([sys.executable, "-c", probe, "score", str(source), *flags,
                                *run_id], capture_output=True, text=True, check=True)
-        assert done.stdout.strip().splitlines()[-1] == "0 False False", run_id
+        assert done.stdout.strip().splitlines()[-1] == "0 False False False", run_id
 
 
 def test_a_changed_checkpoint_is_checked_again(tmp_path: Path, tiny_model: Path) -> None:
