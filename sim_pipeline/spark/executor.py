@@ -206,6 +206,7 @@ class Worker:
         self.batches: dict[str, list[dict[str, Any]]] = {}  # by job (run id)
         self.model_loaded: tuple[float, float] | None = None  # (started, done), Unix times
         self._problem: str | None = None
+        self._check_failed: Exception | None = None  # the check itself broke: said by the job
         self._checked = threading.Event()
         self._preparing: threading.Thread | None = None
         # one thread downloads, piece after piece, beside the towers (which release the GIL)
@@ -223,9 +224,12 @@ class Worker:
     def _prepare(self, cpus: int) -> None:
         try:
             self._problem = model_problem(self.settings)
+        except Exception as error:  # noqa: BLE001 - raised to the check job (model_problem)
+            self._check_failed = error
         finally:
             self._checked.set()
-        if self._problem is None and not self.settings.inference_url:
+        if self._problem is None and self._check_failed is None \
+                and not self.settings.inference_url:
             self._load_model(cpus)
 
     def _load_model(self, cpus: int) -> None:
@@ -244,8 +248,11 @@ class Worker:
         self.model_loaded = (started, time.time())
 
     def model_problem(self) -> str | None:
-        """The model check's sentence (None when the model can be scored), once it is known."""
+        """The model check's sentence (None when the model can be scored), once it is known; a
+        check that broke raises here, failing the check job, and the driver checks instead."""
         self._checked.wait()
+        if self._check_failed is not None:
+            raise self._check_failed
         return self._problem
 
     def model_ready(self) -> None:

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 # long task per core the cores that finish first wait for the last (bench.spark: the scoring
 # job 20-23 s with one task per core, 18-22 s with four).
 TASKS_PER_CORE = 4
-# (application, settings): the warm-up job's answer to the model check, once per application
-_WARM_UPS: dict[tuple[str, Settings], Future[str | None]] = {}
+# (application, settings): the warm-up job, run once per application
+_WARM_UPS: dict[tuple[str, Settings], Future[None]] = {}
 
 
 @dataclass(frozen=True)
