@@ -26,7 +26,8 @@ class AirflowApi:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method,
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        # 120 s: on a busy 2-core machine the api-server once took over 30 s to clear a run
+        with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read() or b"null")
 
     def run_path(self, run_id: str) -> str:
