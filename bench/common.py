@@ -20,6 +20,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from sim_pipeline.devtools.local_http import QueueingHTTPServer
+
 BENCH_DIR = Path(os.environ.get("SIM_BENCH_DIR", "/tmp/sim-pipeline-bench"))
 
 
@@ -71,18 +73,9 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-class ImageServer(ThreadingHTTPServer):
-    """A threaded server with room to queue connections. socketserver's listen backlog of 5
-    drops connection attempts when a dozen downloads start at once, and each dropped one waits
-    out TCP's 1 s retransmit: the server, not the code measured, would set the pace."""
-
-    request_queue_size = 128
-    daemon_threads = True
-
-
 def serve_folder(folder: Path) -> tuple[ThreadingHTTPServer, str]:
     """Serve ``folder`` on 127.0.0.1 (a free port) from a background thread."""
-    server = ImageServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
+    server = QueueingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 

@@ -45,7 +45,8 @@ import httpx
 import numpy as np
 import sqlalchemy as sa
 
-from bench.common import ImageServer, fresh_folder, jpeg_bytes, start_serve, vit_b32_checkpoint
+from bench.common import fresh_folder, jpeg_bytes, start_serve, vit_b32_checkpoint
+from sim_pipeline.devtools.local_http import QueueingHTTPServer
 
 IMAGE_SIZE = (320, 240)
 CACHED_PAIRS = 64
@@ -82,7 +83,7 @@ class ImageHandler(BaseHTTPRequestHandler):
 
 
 def image_server() -> tuple[ThreadingHTTPServer, str]:
-    server = ImageServer(("127.0.0.1", 0), ImageHandler)
+    server = QueueingHTTPServer(("127.0.0.1", 0), ImageHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"127.0.0.1:{server.server_address[1]}"
 

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from sim_pipeline.core.config import Settings
+from sim_pipeline.devtools.local_http import QueueingHTTPServer
 from sim_pipeline.devtools.random_model import build_random_clip
 from tests.support import postgres
 
@@ -34,14 +35,6 @@ def make_image(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (96, 64),
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-class QueueingServer(ThreadingHTTPServer):
-    """A listen backlog of 128, not socketserver's 5: parallel downloads are not dropped into
-    TCP's 1 s retransmit wait."""
-
-    request_queue_size = 128
-    daemon_threads = True
 
 
 @dataclass
@@ -90,7 +83,7 @@ class ImageServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = QueueingServer(("127.0.0.1", 0), Handler)
+        self.httpd = QueueingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.httpd.server_address[1]
         self.closed_port = _closed_port()
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

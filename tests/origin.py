@@ -13,13 +13,14 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from sim_pipeline.core.config import Settings
 from sim_pipeline.core.layout import image_meta_key, sha256_hex
 from sim_pipeline.core.store import LocalStore, read_json
 from sim_pipeline.core.urls import IPAddress, UnknownHost
+from sim_pipeline.devtools.local_http import QueueingHTTPServer
 from sim_pipeline.stages.fetch.loop import fetch_urls
 from sim_pipeline.stages.fetch.records import FetchStats
 
@@ -55,10 +56,7 @@ class Origin:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         handler = _handler(self, "HTTP/1.1" if keep_alive else "HTTP/1.0")
         self.connections = 0
-        # a listen backlog of 128, not socketserver's 5: parallel downloads are not dropped
-        # into TCP's 1 s retransmit wait
-        server_class = type("Server", (ThreadingHTTPServer,),
-                            {"address_family": family, "request_queue_size": 128})
+        server_class = type("Server", (QueueingHTTPServer,), {"address_family": family})
         self.httpd = server_class((host, 0), handler)
         self.httpd.daemon_threads = True
         self.host, self.port = host, self.httpd.server_address[1]

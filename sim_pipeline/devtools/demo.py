@@ -21,11 +21,12 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from sim_pipeline.devtools.local_http import QueueingHTTPServer
 from sim_pipeline.devtools.random_model import build_random_clip
 
 # A fixed default port keeps examples/pairs.csv the same on every run.
@@ -105,20 +106,12 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-class DemoServer(ThreadingHTTPServer):
-    """A listen backlog of 128, not socketserver's 5, which drops connection attempts when a
-    dozen downloads start at once (each then waits out TCP's 1 s retransmit)."""
-
-    request_queue_size = 128
-    daemon_threads = True
-
-
 @contextmanager
 def serve(folder: Path, port: int) -> Iterator[int]:
     """Serve ``folder`` on 127.0.0.1 from a thread; yields the port actually bound."""
     handler = functools.partial(QuietHandler, directory=str(folder))
     try:
-        server = DemoServer(("127.0.0.1", port), handler)
+        server = QueueingHTTPServer(("127.0.0.1", port), handler)
     except OSError as error:
         raise SystemExit(f"demo: port {port} on 127.0.0.1 is taken ({error.strerror}): "
                          "pass --port with a free one, or --port 0 for any") from None

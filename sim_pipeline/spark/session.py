@@ -96,9 +96,11 @@ def class_archives(master: str, setting: str = "") -> ClassArchives | None:
         spark_version = version("pyspark")
     except PackageNotFoundError:
         return None  # spark_session says what to install
-    java = Path(shutil.which("java", path=_java_path()) or "java").resolve()
-    runtime = "|".join([str(java), str(java.stat().st_mtime_ns) if java.exists() else "",
-                        spark_version, sys.prefix])
+    java = java_binary()
+    if java is None:
+        return None  # spark_session says what to install
+    java = java.resolve()
+    runtime = "|".join([str(java), str(java.stat().st_mtime_ns), spark_version, sys.prefix])
     base = Path(setting).expanduser() if setting else Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sim-pipeline" / "jvm"
     folder = base / hashlib.sha256(runtime.encode()).hexdigest()[:16]
@@ -112,17 +114,18 @@ def class_archives(master: str, setting: str = "") -> ClassArchives | None:
     return None if archives.making_any() and free < MIN_FREE_BYTES else archives
 
 
-def _java_path() -> str | None:
+def java_binary() -> Path | None:
+    """The Java that starts Spark: ``$JAVA_HOME/bin/java``, else the first on PATH."""
     home = os.environ.get("JAVA_HOME")
-    return str(Path(home) / "bin") if home else None
+    if home and (Path(home) / "bin" / "java").exists():
+        return Path(home) / "bin" / "java"
+    found = shutil.which("java")
+    return Path(found) if found else None
 
 
 def java_problem() -> str | None:
     """The sentence to show when no Java runtime can start Spark, else None."""
-    home = os.environ.get("JAVA_HOME")
-    if home and (Path(home) / "bin" / "java").exists():
-        return None
-    return None if shutil.which("java") else NO_JAVA
+    return None if java_binary() else NO_JAVA
 
 
 def spark_session(master: str | None = None, app_name: str = "sim-pipeline",
