@@ -359,8 +359,9 @@ def seaweed_command(cfg: StackConfig) -> list[str]:
     return args
 
 
-def create_bucket(cfg: StackConfig, timeout: float = 60) -> None:
-    """Wait for SeaweedFS's S3 API, then create the bucket (already there after a restart)."""
+def create_bucket(cfg: StackConfig, weed: subprocess.Popen[bytes], timeout: float = 180) -> bool:
+    """Wait for SeaweedFS's S3 API, then create the bucket (already there after a restart).
+    False when ``weed`` exits first: a port picked as free was taken before it bound it."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
@@ -373,10 +374,13 @@ def create_bucket(cfg: StackConfig, timeout: float = 60) -> None:
         try:
             with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
                 client.create_bucket(Bucket=cfg.bucket)
-            return
+            return True
         except (BotoCoreError, ClientError):
+            if weed.poll() is not None:
+                return False
             if time.monotonic() > deadline:
-                raise
+                raise SystemExit(f"SeaweedFS's S3 API at {cfg.s3_endpoint} did not answer in "
+                                 f"{timeout:.0f} s; see {cfg.home}/logs/seaweedfs.log.") from None
             time.sleep(0.5)
 
 
@@ -446,9 +450,19 @@ class Supervisor:
         path.with_suffix(".tmp").write_text(json.dumps(state, indent=2))
         path.with_suffix(".tmp").replace(path)
 
+    def start_seaweedfs(self, attempts: int = 3) -> None:
+        """SeaweedFS and its bucket; on fresh ports when it exits at start (on a busy machine,
+        a port found free can be taken before it binds it)."""
+        for _ in range(attempts):
+            self.start("seaweedfs")
+            if create_bucket(self.cfg, self.processes["seaweedfs"]):
+                return
+            self.cfg.seaweed_ports.update(free_seaweed_ports())
+        raise SystemExit(f"SeaweedFS exited at start {attempts} times; see "
+                         f"{self.cfg.home}/logs/seaweedfs.log.")
+
     def run(self) -> int:
-        self.start("seaweedfs")
-        create_bucket(self.cfg)
+        self.start_seaweedfs()
         prepare(self.cfg, self.base)
         self.start(MODEL_SERVER)
         for name in AIRFLOW_COMMANDS:
