@@ -35,13 +35,19 @@ from sim_pipeline.stages.embed.doctor import cpu_line
 RSS_PROBE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
              "sys.exit(rc)")
-# The CLI in-process, then its peak RSS and which heavy modules it imported, on stderr.
-CLI_PROBE = ("import resource, sys; from sim_pipeline.cli import main; rc = main(sys.argv[1:]); "
+# The CLI in-process, exiting as the sim-pipeline program does; then its peak RSS (VmHWM: the
+# process's own, where ru_maxrss can carry the parent's peak across exec) and which heavy
+# modules it imported, on stderr.
+CLI_PROBE = ("import sys; from sim_pipeline.cli import exit_without_teardown, main; "
+             "rc = main(sys.argv[1:]); "
              "heavy = [m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules]; "
              "print('imported:', ' '.join(heavy) or 'neither torch nor transformers', "
              "file=sys.stderr); "
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); "
-             "sys.exit(rc)")
+             "peak = [line.split()[1] for line in open('/proc/self/status') "
+             "if line.startswith('VmHWM:')]; "
+             "print(peak[0], file=sys.stderr); exit_without_teardown(rc)")
+
+
 def timed_process(command: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of ``command``, run as its own process."""
     seconds, rss, _ = timed_run(command, env, RSS_PROBE)

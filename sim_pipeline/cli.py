@@ -7,9 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
+import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from sim_pipeline.core.config import (
     DEVICES,
@@ -102,7 +107,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from sim_pipeline.runners.pipeline import score_csv
 
     summary = score_csv(args.input, settings, args.output, progress=not args.quiet,
-                        run_id=run_id)
+                        run_id=run_id, workers_ahead=True)
     print(summary.render())
     return 0
 
@@ -258,5 +263,27 @@ def _fail(message: str, status: int) -> int:
     return status
 
 
+def console() -> NoReturn:
+    """The ``sim-pipeline`` program: ``main``, then ``exit_without_teardown``."""
+    exit_without_teardown(main())
+
+
+def exit_without_teardown(status: int) -> NoReturn:
+    """Exit once the exit handlers have run and output is flushed, skipping the interpreter's
+    teardown: after a scoring run, freeing ~3,500 modules and ~450,000 objects (torch,
+    transformers) took 1.2 s with every result already written. Where a thread other than the
+    daemons still runs, a normal exit waits for it instead."""
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's own, not public
+    if run_exit_handlers is None or any(
+            thread.is_alive() and not thread.daemon and thread is not threading.main_thread()
+            for thread in threading.enumerate()):
+        sys.exit(status)
+    run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed, or a pipe read no more
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -212,7 +212,13 @@ class Encoder:
 @functools.lru_cache(maxsize=4)
 def load_encoder(model_name: str, device: str = "auto", precision: str = "auto",
                  tower: str = "image") -> Encoder:
-    """Load one side (``image`` or ``text``) of ``model_name`` (hub id or folder), once."""
+    """Load one side (``image`` or ``text``) of ``model_name`` (hub id or folder), once.
+
+    What is alive before a tower loads (torch, transformers: ~450,000 objects) lives as long as
+    the process: frozen out of the collector, so the collection that frees a tower
+    (``release_encoders``) scans only what came after: 0.26 s, three times a run, before."""
+    import gc
+
     import torch
     import transformers
     from transformers.utils import logging as hf_logging
@@ -220,6 +226,7 @@ def load_encoder(model_name: str, device: str = "auto", precision: str = "auto",
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # loading one tower reports the other's weights as unused
     resolved = resolve_model(model_name)
+    gc.freeze()
     device = resolve_device(device)
     precision = resolved_precision(device, precision, model_name)
     weights = torch.float16 if precision == "fp16" else torch.float32
@@ -267,7 +274,9 @@ def release_encoders() -> None:
     """Free loaded towers, e.g. between the image and the text stage of an in-process run."""
     import gc
 
+    loaded = load_encoder.cache_info().currsize
     load_encoder.cache_clear()
-    gc.collect()
+    if loaded:
+        gc.collect()
     return_free_memory()
 
