@@ -107,7 +107,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from sim_pipeline.runners.pipeline import score_csv
 
     summary = score_csv(args.input, settings, args.output, progress=not args.quiet,
-                        run_id=run_id, workers_ahead=True)
+                        run_id=run_id)
     print(summary.render())
     return 0
 

@@ -23,7 +23,6 @@ from PIL import Image
 from sim_pipeline.core.config import Settings
 from sim_pipeline.devtools.local_http import QueueingHTTPServer
 from sim_pipeline.devtools.random_model import build_random_clip
-from sim_pipeline.stages.fetch import workers
 from tests.support import postgres
 
 
@@ -36,16 +35,6 @@ def make_image(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (96, 64),
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-
-@pytest.fixture(autouse=True)
-def no_fetch_workers_left() -> Iterator[None]:
-    """Fetch worker processes end with the test that started them: a pool left running would
-    make the next test's fetches use it (from 100 URLs on), out of reach of its monkeypatches."""
-    yield
-    if workers.started():
-        workers.stop_all()
 
 
 @dataclass

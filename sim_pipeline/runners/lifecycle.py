@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,27 +106,21 @@ class Run:
         return run
 
     def plan(self, input_path: str | Path, source: str | None = None,
-             run_id: str | None = None,
-             while_checking: Callable[[RunPlan], None] | None = None) -> RunPlan:
+             run_id: str | None = None) -> RunPlan:
         """Split the input into chunks and open the run in the results table.
 
         ``source`` is what the run records as its input when ``input_path`` is a local copy of
         it (an s3:// object downloaded for planning, say); without ``run_id`` the run is named
         after the input's content. A run refused once it has an id (given, or read from the
         input) is recorded failed with its one sentence, so ``results runs`` shows why.
-        ``while_checking`` gets the plan when the model check is still running once it is
-        made (importing torch and transformers, seconds of one core): work for the idle cores
-        that sends no request.
         """
         started, started_at = time.monotonic(), datetime.now(UTC)  # the run's wall time from here
         path, source = Path(input_path), source or str(input_path)
         try:
             check_input(path, self.settings)  # before the model check: a bad input fails fast
             run_id = run_id or default_run_id(path, self.settings)
-            with self.model_checked_beside(run_id) as checking, self.counting_repairs():
+            with self.model_checked_beside(run_id), self.counting_repairs():
                 plan = plan_csv(path, self.store, self.settings, run_id)
-                if while_checking is not None and checking():
-                    while_checking(plan)
         except BaseException as error:
             if run_id:
                 self.fail(run_id, fault_sentence(error), source)
@@ -138,19 +132,18 @@ class Run:
         return plan
 
     @contextmanager
-    def model_checked_beside(self, run_id: str) -> Iterator[Callable[[], bool]]:
+    def model_checked_beside(self, run_id: str) -> Iterator[None]:
         """The model check (``check_model``) in a thread while the block plans the input: on a
         cold machine its first torch and transformers imports take seconds that planning need
         not wait for. Both are done when the block ends, before any fetch; a failing check's
-        sentence wins over a failing block's (the check was the first step before). The block
-        gets a function that says whether the check is still running."""
+        sentence wins over a failing block's (the check was the first step before)."""
         if self.results is None:  # nothing recorded, nothing scored (``fetch``): no check
-            yield lambda: False
+            yield
             return
         with ThreadPoolExecutor(1, thread_name_prefix="model-check") as beside:
             checked = beside.submit(self.check_model, run_id)
             try:
-                yield lambda: not checked.done()
+                yield
             except BaseException:
                 checked.result()  # the model's sentence, if it failed too
                 raise

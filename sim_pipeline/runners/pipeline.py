@@ -5,7 +5,6 @@ Airflow runs the same stage functions as mapped tasks instead; this module is on
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from sim_pipeline.runners.lifecycle import Run
 from sim_pipeline.stages.embed.encoders import encoder_for
 from sim_pipeline.stages.embed.error_bound import ErrorBound
 from sim_pipeline.stages.embed.model import release_encoders
-from sim_pipeline.stages.fetch.chunk import fetch_processes, start_workers_ahead
+from sim_pipeline.stages.fetch.chunk import fetch_processes
 from sim_pipeline.stages.fetch.records import FetchStats
 from sim_pipeline.stages.finalize import default_output_path
 from sim_pipeline.stages.plan import RunPlan
@@ -111,14 +110,6 @@ def fetch_in_worker_processes(settings: Settings, plan: RunPlan) -> bool:
     return any(fetch_processes(settings, chunk.rows) > 1 for chunk in plan.chunks)
 
 
-def start_fetch_workers(settings: Settings, plan: RunPlan) -> None:
-    """While the model check imports (seconds of one core), start the fetch worker processes
-    the first chunk will use: their start leaves the critical path, and with downloads in
-    workers the text tower runs beside them (``fetch_in_worker_processes``)."""
-    if plan.chunks:
-        start_workers_ahead(settings, plan.chunks[0].rows)
-
-
 def embed_texts_then_load_image_tower(run: Run, plan: RunPlan) -> None:
     """Embed-texts over every chunk, then, if it needed the model, the image tower loaded for
     embed-images: both off the critical path while the images download (fetching waits on the
@@ -131,23 +122,17 @@ def embed_texts_then_load_image_tower(run: Run, plan: RunPlan) -> None:
 
 
 def score_csv(source: str | Path, settings: Settings, output: str | Path | None = None,
-              progress: bool = True, run_id: str | None = None,
-              workers_ahead: bool = False) -> RunSummary:
+              progress: bool = True, run_id: str | None = None) -> RunSummary:
     """Score a CSV end to end: scored CSV next to it, rows in the results table.
 
     Stage by stage over all chunks (in the registry's order), so only one model tower is in
     memory at a time; embed-texts runs beside fetch-images when worker processes download
-    (large chunks, or from 200 rows with ``workers_ahead``).
-
-    ``workers_ahead`` (the CLI's) starts those workers while the model check runs
-    (``start_fetch_workers``). They are spawned interpreters that import the main module, so a
-    script passing it must keep its own work under ``if __name__ == "__main__":``.
+    (large chunks).
     """
     started = time.monotonic()
     source = Path(source)
     run = Run.open(settings)
-    ahead = functools.partial(start_fetch_workers, settings) if workers_ahead else None
-    plan = run.plan(source, run_id=run_id, while_checking=ahead)  # a refusal is recorded
+    plan = run.plan(source, run_id=run_id)  # a refused run is recorded failed
     summary = RunSummary(plan.run_id, Path(output or default_output_path(source)),
                          run.results.shown_url)  # type: ignore[union-attr]
     try:

@@ -24,27 +24,16 @@ from sim_pipeline.stages.known import previous_fetched, records_of, write_fetche
 from sim_pipeline.stages.plan import read_chunk_table, scorable_keys
 
 MIN_URLS_PER_PROCESS = 1000
-MIN_URLS_PER_STARTED_PROCESS = 100  # a worker started ahead (``workers.start``) costs no start
 
 
 def fetch_processes(settings: Settings, urls: int,
                     min_per_process: int = MIN_URLS_PER_PROCESS) -> int:
     """How many processes share a fetch: each needs enough URLs to repay its start (~0.5 s),
-    or fewer once it is started, and at least one global and one per-host slot of its own (the
-    limits are split, so their sums still hold)."""
+    and at least one global and one per-host slot of its own (the limits are split, so their
+    sums still hold)."""
     wanted = settings.fetch_processes or os.cpu_count() or 1
-    affordable = max(urls // min_per_process,
-                     min(workers.started(), urls // MIN_URLS_PER_STARTED_PROCESS))
-    return max(1, min(wanted, affordable, settings.fetch_concurrency, settings.fetch_per_host))
-
-
-def start_workers_ahead(settings: Settings, urls: int) -> None:
-    """Start the worker processes a fetch of ``urls`` would use, ahead of it: call it where a
-    core is idle meanwhile (``score_csv``: while the model check imports torch and transformers
-    on one core), so that their start is off the critical path."""
-    processes = fetch_processes(settings, urls, MIN_URLS_PER_STARTED_PROCESS)
-    if processes > 1:
-        workers.start(processes)
+    return max(1, min(wanted, urls // min_per_process, settings.fetch_concurrency,
+                      settings.fetch_per_host))
 
 
 def fetch_all(urls: dict[str, str], store: ObjectStore, settings: Settings,

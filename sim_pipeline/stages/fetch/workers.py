@@ -57,10 +57,6 @@ class _Pool:
                 self._size = size
             return self._executor
 
-    @property
-    def size(self) -> int:
-        return self._size
-
     def close(self, stop_running: bool = False) -> None:
         """Stop the workers; ``stop_running`` makes them abandon jobs in flight."""
         with self._lock:
@@ -101,19 +97,6 @@ def run(jobs: list[Job]) -> list[FetchStats]:
     return [stats for stats, _ in done]
 
 
-def start(size: int) -> None:
-    """Start ``size`` workers now, ahead of their jobs, so that their start (~0.5 s of a core
-    each: a fresh interpreter importing the fetch modules) overlaps other work."""
-    executor = _POOL.executor(size)
-    for _ in range(size):  # one spawn per job while none is idle yet
-        executor.submit(_ready)
-
-
-def started() -> int:
-    """How many workers the pool holds, started or starting."""
-    return _POOL.size
-
-
 def stop_all() -> None:
     """Stop every worker now (the caller is shutting down)."""
     _POOL.close(stop_running=True)
@@ -127,11 +110,6 @@ def _fetch_job(job: bytes) -> tuple[FetchStats, Counter[str]]:
     with repairs.counted() as repaired:
         stats = asyncio.run(fetch_urls(urls, store, settings))
     return stats, repaired
-
-
-def _ready() -> int:
-    """A job that only makes a new worker import this module (and the fetch modules with it)."""
-    return os.getpid()
 
 
 def _start_worker(lifeline: Connection) -> None:
