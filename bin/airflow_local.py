@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -91,9 +92,19 @@ def airflow_environ(home: Path, port: int, base: Mapping[str, str],
     return env
 
 
+def write_ahead_log(database: Path) -> None:
+    """Put the SQLite metadata database in WAL mode (it stays so): readers and the writer no
+    longer block each other, only writers take turns. In the default mode, with the scheduler,
+    the dag-processor, the api-server and task processes on one file, a REST call on a busy
+    machine waited out the whole 60 s lock timeout and answered 500."""
+    with contextlib.closing(sqlite3.connect(database, timeout=60)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+
+
 def prepare(home: Path, env: Mapping[str, str], gpu_slots: int | None) -> None:
     """Metadata database and pools; both are idempotent, so a restart keeps earlier runs."""
     home.mkdir(parents=True, exist_ok=True)
+    write_ahead_log(home / "airflow.db")
     for args in (["db", "migrate"], ["pools", "import", str(pools_file(home, gpu_slots))]):
         subprocess.run([AIRFLOW, *args], env=dict(env), check=True, stdout=subprocess.DEVNULL)
 

@@ -12,10 +12,12 @@ SIM_PIPELINE_DATABASE_URL: the env-var fallback, where test_airflow_dag.py uses 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -118,6 +120,12 @@ def test_a_run_triggered_over_rest_completes_through_the_scheduler(
     assert task_states(live, run_id)[JOIN] == ["success", "success"]
     assert [r["row_number"] for r in score_rows(pg_url, run_id)] == list(range(len(live.urls)))
     assert run_status(pg_url, run_id)["status"] == "succeeded"
+
+
+def test_the_metadata_database_lets_readers_and_the_writer_work_at_once(live: Live) -> None:
+    """WAL mode, set on the file by the launcher: a component reading never blocks a write."""
+    with contextlib.closing(sqlite3.connect(live.home / "airflow.db")) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_clearing_join_score_reruns_it_and_changes_no_row(live: Live, pg_url: str) -> None:
