@@ -107,11 +107,19 @@ def _handler(origin: Origin, protocol: str) -> type[BaseHTTPRequestHandler]:
             with origin.lock:
                 origin.headers.setdefault(path, []).append(dict(self.headers.items()))
             reply = origin._next(path)
+            self.counted = True
             try:
                 self._play(reply, path)
             except (BrokenPipeError, ConnectionResetError):
                 pass
             finally:
+                self._finished()
+
+        def _finished(self) -> None:
+            """Out of ``in_flight`` before the response's last bytes go out: a client that has
+            them may send its next request at once, which must not find this one counted."""
+            if self.counted:
+                self.counted = False
                 with origin.lock:
                     origin.in_flight -= 1
 
@@ -127,11 +135,13 @@ def _handler(origin: Origin, protocol: str) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             pieces = [reply.body[i:i + 1024] for i in range(0, len(reply.body), 1024)] \
                 if reply.drip else [reply.body]
-            for piece in pieces:
-                self._send(piece, path)
-                time.sleep(reply.drip)
-            for _ in range(reply.stream // 65536):
-                self._send(b"\0" * 65536, path)
+            writes = [(piece, reply.drip) for piece in pieces]
+            writes += [(b"\0" * 65536, 0)] * (reply.stream // 65536)
+            for number, (data, pause) in enumerate(writes, 1):
+                if number == len(writes):
+                    self._finished()
+                self._send(data, path)
+                time.sleep(pause)
             if reply.hang_up:
                 self.close_connection = True
 
