@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sim_pipeline import cli
+from sim_pipeline.stages.embed.cpu import int8_weight_type
 from sim_pipeline.stages.embed.model import resolved_precision
 
 LINE = re.compile(r"^  (\S+)\s+([\d.]+) images/s   cosine vs fp32 min ([\d.]+)$")
@@ -31,3 +32,4 @@ def test_doctor_measures_each_precision_and_backend(
     assert measured["fp32"][1] == 1.0, "fp32 is the reference"
     assert all(rate > 0 and 0.99 <= cosine <= 1.0 for rate, cosine in measured.values())
     assert measured["bf16"][1] < 1.0 and measured["onnx-int8"][1] < 1.0, "each really ran"
+    assert f"onnx-int8 weights here: {int8_weight_type()} " in out

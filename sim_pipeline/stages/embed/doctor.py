@@ -20,21 +20,22 @@ import numpy as np
 from PIL import Image
 
 from sim_pipeline.core.config import Settings
+from sim_pipeline.stages.embed.cpu import CPUINFO, cpu_flags, int8_weight_type
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
-def cpu_line(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def cpu_line(cpuinfo: Path = CPUINFO) -> str:
     """The CPU model and the flags that decide precision and int8 speed."""
-    model, flags = "unknown CPU", set()
+    model = "unknown CPU"
     try:
         for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
+            if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
+    flags = cpu_flags(cpuinfo)
     present = " ".join(f for f in CPU_FLAGS if f in flags) or "none of " + " ".join(CPU_FLAGS)
     return f"CPU: {model}, {os.cpu_count()} CPUs, flags: {present}"
 
@@ -110,9 +111,12 @@ def diagnose(settings: Settings, count: int = 64) -> tuple[str, list[Measured]]:
 
 def report(settings: Settings, count: int = 64) -> str:
     picked, measured = diagnose(settings, count)
+    int8 = ([f"onnx-int8 weights here: {int8_weight_type()} (s8 where the CPU has VNNI or AMX "
+             "or is not x86; u8 on x86 without them, where s8 products saturate)"]
+            if any(m.backend == "onnx-int8" for m in measured) else [])
     return "\n".join([cpu_line(), picked,
                       f"image tower of {settings.model}, {count} images 640x480, batches of "
                       f"{settings.batch_size}, inputs ready (decoding not counted):",
-                      *("  " + m.render() for m in measured),
+                      *("  " + m.render() for m in measured), *int8,
                       "choose with --precision / --backend (or SIM_PIPELINE_PRECISION, "
                       "SIM_PIPELINE_BACKEND); onnx-int8 runs also report their score error"])

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 def vector_tag(settings: Settings) -> str:
     """Cache vectors under the precision really used, so CPU and GPU vectors never mix."""
     if settings.backend != "torch":
-        return model_tag(settings.model, settings.backend)
+        from sim_pipeline.stages.embed.onnx_backend import export_variant
+
+        return model_tag(settings.model, export_variant(settings.backend))
     from sim_pipeline.stages.embed.model import resolved_precision
 
     precision = resolved_precision(settings.device, settings.precision, settings.model)

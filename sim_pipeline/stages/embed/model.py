@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sim_pipeline.core.errors import UserError
+from sim_pipeline.stages.embed.cpu import BF16_FLAGS, CPUINFO, cpu_flags
 from sim_pipeline.stages.embed.families import Family, checkpoint_folder, resolve_model
 from sim_pipeline.stages.embed.native_memory import (
     checkpoint_mappings,
@@ -85,13 +86,9 @@ def _torch_cuda_version() -> str | None:
     return None
 
 
-def cpu_supports_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+def cpu_supports_bf16(cpuinfo: Path = CPUINFO) -> bool:
     """CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX): detected, not assumed."""
-    try:
-        flags = set(cpuinfo.read_text(encoding="utf-8", errors="replace").split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags(cpuinfo) & BF16_FLAGS)
 
 
 BF16_MIN_WIDTH = 256  # narrower towers gain nothing from bf16 and lose more accuracy to it

@@ -28,6 +28,7 @@ import numpy as np
 from sim_pipeline.core.errors import UserError
 from sim_pipeline.core.layout import model_tag
 from sim_pipeline.core.store import S3Options, open_store
+from sim_pipeline.stages.embed.cpu import int8_weight_type
 from sim_pipeline.stages.embed.families import check_backend
 from sim_pipeline.stages.embed.pixels import pixel_values_function
 from sim_pipeline.stages.embed.plain_inputs import plain_inputs
@@ -101,11 +102,12 @@ def export_tower(model_name: str, tower: str) -> bytes:
     return buffer.getvalue()
 
 
-def _quantize(model: bytes) -> bytes:
+def _quantize(model: bytes, weights: str) -> bytes:
     """Dynamic int8 (VNNI/AMX kernels where the CPU has them) of the matrix products only, with
-    one scale per output channel: on ViT-B/32-shaped weights this keeps the largest
-    ``|similarity - fp32|`` near 0.0016, against 0.0022 per tensor over every operator
-    (docs/performance.md); each run measures its own (``error_bound.py``)."""
+    one scale per output channel and ``weights`` (``s8`` or ``u8``, ``cpu.int8_weight_type``):
+    on ViT-B/32-shaped weights this keeps the largest ``|similarity - fp32|`` near 0.0016,
+    against 0.0022 per tensor over every operator (docs/performance.md); each run measures its
+    own (``error_bound.py``)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as folder:
@@ -113,17 +115,27 @@ def _quantize(model: bytes) -> bytes:
         source.write_bytes(model)
         logging.disable(logging.WARNING)  # advice to pre-process that does not apply here
         try:
-            quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True,
+            weight_type = QuantType.QInt8 if weights == "s8" else QuantType.QUInt8
+            quantize_dynamic(source, target, weight_type=weight_type, per_channel=True,
                              op_types_to_quantize=["MatMul"])
         finally:
             logging.disable(logging.NOTSET)
         return target.read_bytes()
 
 
+def export_variant(backend: str) -> str:
+    """The backend as exports and vectors are keyed: ``onnx-int8`` quantised with uint8 weights
+    (this CPU's choice, ``cpu.int8_weight_type``) is ``onnx-int8-u8``, so machines that share a
+    store never read each other's differently quantised towers or vectors."""
+    if backend == "onnx-int8" and int8_weight_type() == "u8":
+        return "onnx-int8-u8"
+    return backend
+
+
 def export_key(model_name: str, backend: str, tower: str) -> str:
     """Where a tower's export is cached: the fp32 one is kept beside the int8 one, so the int8
     run's error bound (``error_bound.py``) needs no second export."""
-    return f"onnx/{model_tag(model_name, backend)}-{EXPORT_VERSION}/{tower}.onnx"
+    return f"onnx/{model_tag(model_name, export_variant(backend))}-{EXPORT_VERSION}/{tower}.onnx"
 
 
 @functools.lru_cache(maxsize=4)
@@ -143,7 +155,7 @@ def load_onnx_encoder(model_name: str, backend: str, tower: str, store_location:
         if not store.exists(export_key(model_name, "onnx", tower)):
             store.write_bytes(export_key(model_name, "onnx", tower), exported)
         if backend == "onnx-int8":
-            exported = _quantize(exported)
+            exported = _quantize(exported, int8_weight_type())
         store.write_bytes(key, exported)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
