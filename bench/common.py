@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -85,12 +84,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def peak_rss_mb(children: bool = False) -> float:
-    """Peak resident memory (ru_maxrss) of this process, or of its largest waited-for child."""
-    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
-    return resource.getrusage(who).ru_maxrss / 1024
 
 
 def vit_b32_checkpoint() -> Path:

@@ -7,6 +7,7 @@ doctor`` measures what they give, since a virtual CPU's flags can lie.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -15,6 +16,7 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 EXACT_INT8_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+@functools.cache  # a many-core machine's cpuinfo is large and generated on every read
 def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
     """The first CPU's x86 ``flags`` (empty on other architectures or when unreadable)."""
     try:
