@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
      "cpu onnx-int8: embed stage"),
     ("bench.end_to_end", ["--pairs", "12", "--images", "8", "--repeat", "2"],
      "over 2 rounds: cold / bare median"),
-    ("bench.spark", ["--pairs", "12", "--images", "8", "--repeat", "2", "--timeline"],
-     "spark / cli over 2 rounds"),
+    ("bench.spark", ["--pairs", "12", "--images", "8", "--timeline"],
+     "rows identical: True"),  # one round: each starts Spark's JVMs anew (a minute and more)
     ("bench.airflow", ["--pairs", "200", "--images", "20", "--chunk-sizes", "100"],
      "critical path"),  # printed after "airflow / cli", with where the run's time went
     ("bench.cache", ["--pairs", "20", "--images", "20"], "second / first inference time"),

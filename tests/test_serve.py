@@ -437,6 +437,7 @@ def test_readyz_fails_while_the_database_is_unreachable_and_recovers(
     proxy.start()
     through_proxy = pg_url.replace(f"127.0.0.1:{pg_port}", f"127.0.0.1:{proxy.port}")
     service = ServeProcess(tmp_path, tiny_model, image_server.allow_hosts,
+                           "--db-retry-seconds", "2",  # a recorded request gives up in 2 s
                            database_url=through_proxy).start()
     try:
         assert httpx.get(service.url("/readyz")).json() == {
@@ -451,6 +452,7 @@ def test_readyz_fails_while_the_database_is_unreachable_and_recovers(
         recorded = service.post("/v1/score", {"record": True,
                                               "pairs": [{"url": "ftp://x/y", "caption": "c"}]})
         assert recorded.status_code == 503 and "not recorded" in recorded.json()["detail"]
+        assert "within 2 s" in recorded.json()["detail"], "it retried as --db-retry-seconds says"
 
         proxy.start()
         wait_until(lambda: httpx.get(service.url("/readyz"), timeout=30).status_code == 200,

@@ -207,7 +207,7 @@ class Service:
         service starts makes it unready, not dead."""
         with self._db_lock:
             if self._db is None:
-                self._db = ResultsDB(self.settings.database_url)
+                self._db = ResultsDB(self.settings.database_url, self.settings.db_retry_seconds)
             return self._db
 
     # -- scoring -----------------------------------------------------------------------------
